@@ -1,0 +1,3 @@
+from cs2fusion.cli import main
+
+main()

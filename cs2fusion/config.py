@@ -1,0 +1,130 @@
+"""One typed configuration, loaded from ``params.yaml`` and passed down explicitly.
+
+Every section of ``params.yaml`` is a frozen dataclass; :func:`load_params` rejects unknown keys and values of
+the wrong type, so a typo in a parameter fails loudly instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParams:
+    """Architecture of the backbone and the CPN (defaults = the published CS2Fusion)."""
+
+    channels: int = 16
+    negative_slope: float = 0.01
+    input_scale: float = 255.0
+    # "sample": per-sample min-max / mean inside the CPN (a sample's map is independent of its batch);
+    # "batch": over the whole batch tensor, as the original release does.
+    norm_scope: Literal["sample", "batch"] = "sample"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImpairParams:
+    """The "visually impaired" view: random rectangles of the visible image cut out (set to ``fill``)."""
+
+    regions: int = 3
+    min_frac: float = 0.1
+    max_frac: float = 0.3
+    fill: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """The whole ``params.yaml``; sections are added by the stages that read them."""
+
+    model: ModelParams = dataclasses.field(default_factory=ModelParams)
+    impair: ImpairParams = dataclasses.field(default_factory=ImpairParams)
+
+
+class ParamsError(ValueError):
+    """A parameter file that does not match the typed configuration."""
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return build(hint, value, where)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ParamsError(f"{where}: {value!r} is not one of {typing.get_args(hint)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except ParamsError as err:
+                errors.append(str(err))
+        raise ParamsError("; ".join(errors))
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{where}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        items = [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ParamsError(f"{where}: expected true/false, got {value!r}")
+    if isinstance(hint, type) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ParamsError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value
+
+
+def build(cls: type, data: dict[str, Any], where: str = "params") -> Any:
+    """Builds dataclass ``cls`` from a mapping, recursively, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ParamsError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_params(path: str | Path) -> Params:
+    """Reads ``params.yaml`` into :class:`Params`."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    return build(Params, data, where=str(path))
+
+
+def to_dict(params: Any) -> dict[str, Any]:
+    """The plain-dict form of a params dataclass (for metadata and logging)."""
+    return dataclasses.asdict(params)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (MLflow params, DVC ``-S`` keys)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,1 @@
+"""Data: finding and validating registered IR/visible pairs, shards, and the impaired-view augmentation."""

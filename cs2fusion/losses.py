@@ -1,0 +1,76 @@
+"""CS2Fusion losses (paper §3.4): contrastive losses for the CPN and the compensation-weighted backbone loss.
+
+Conventions, as in the release: similarities are cosine similarities of L2-normalised rows, an N×N matrix over
+the batch clamped to [0.0005, 0.9995]; norms are Frobenius norms over the whole batch tensor on the 0–255
+scale; SSIM is kornia's with a 3×3 window and ``max_val`` 1 on 0–255 data (so nearly unstabilised).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from kornia.losses import ssim_loss
+
+from cs2fusion.model.cpn import CPNOutput
+
+SIM_MIN, SIM_MAX = 0.0005, 0.9995
+
+
+def cosine_matrix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(N, D), (M, D) → (N, M) cosine similarities, clamped to [0.0005, 0.9995]."""
+    return (F.normalize(x, dim=1) @ F.normalize(y, dim=1).T).clamp(SIM_MIN, SIM_MAX)
+
+
+def sim_max_loss(x: torch.Tensor, y: torch.Tensor, *, alpha: float) -> torch.Tensor:
+    """Pulls rows together: mean(−log(sim) · exp(−alpha · rank)), rank = descending position in the row − 1."""
+    sim = cosine_matrix(x, y)
+    loss = (-torch.log(sim)).clamp(min=0)
+    rank = sim.argsort(dim=1, descending=True, stable=True).argsort(dim=1) - 1
+    return (loss * torch.exp(-alpha * rank.to(loss.dtype))).mean()
+
+
+def sim_min_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pushes rows apart: mean(−log(1 − sim))."""
+    return (-torch.log(1 - cosine_matrix(x, y))).mean()
+
+
+def contrastive_loss(
+    main: CPNOutput, impaired: CPNOutput, *, alpha: float, impaired_weight: float
+) -> dict[str, torch.Tensor]:
+    """loss_CPN = contrast_1 + k·contrast_2 (k = ``impaired_weight``), with its two terms, as a dict.
+
+    contrast_1 = sim-max(SSO_ir, map_ir) + sim-max(SSO_vis, map_vis) + sim-min(map_vis, map_ir);
+    contrast_2 = sim-max(map_ir, SSO_ir′) + sim-min(map_ir, SSO_vis′), ′ = the pass with the impaired visible.
+    """
+    c1 = (
+        sim_max_loss(main.sso_ir, main.map_ir, alpha=alpha)
+        + sim_max_loss(main.sso_vis, main.map_vis, alpha=alpha)
+        + sim_min_loss(main.map_vis, main.map_ir)
+    )
+    c2 = sim_max_loss(main.map_ir, impaired.sso_ir, alpha=alpha) + sim_min_loss(main.map_ir, impaired.sso_vis)
+    return {"cpn": c1 + impaired_weight * c2, "contrast_1": c1, "contrast_2": c2}
+
+
+def backbone_loss(
+    fused: torch.Tensor,
+    *,
+    ir: torch.Tensor,
+    vis_y: torch.Tensor,
+    w_ir: torch.Tensor,
+    w_vis: torch.Tensor,
+    scale: float,
+) -> dict[str, torch.Tensor]:
+    """‖F·w_ir − ir·w_ir‖ + ‖F·w_vis − vis·w_vis‖ + SSIMloss(F, ir) + SSIMloss(F, vis), with its terms.
+
+    fused, ir, vis_y: (N, 1, H, W) in [0, 1], compared on the 0–255 ``scale`` as the release does;
+    w_ir, w_vis: compensation maps, used as constants (detached), so this loss never trains the CPN.
+    """
+    f, a, b = fused * scale, ir * scale, vis_y * scale
+    w_ir, w_vis = w_ir.detach(), w_vis.detach()
+    terms = {
+        "intensity_ir": torch.linalg.vector_norm((f - a) * w_ir),
+        "intensity_vis": torch.linalg.vector_norm((f - b) * w_vis),
+        "ssim_ir": ssim_loss(f, a, window_size=3, max_val=1.0),
+        "ssim_vis": ssim_loss(f, b, window_size=3, max_val=1.0),
+    }
+    return {"backbone": sum(terms.values()), **terms}

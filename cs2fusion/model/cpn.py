@@ -1,0 +1,84 @@
+"""Compensation perception network (CPN) and the self-correlation + saliency operation (paper §3.3).
+
+Training only. From the (detached) encoder features of both branches the CPN estimates the infrared
+compensation map ``w_ir`` in [0, 1] (``w_vis = 1 − w_ir``), and produces the feature maps that the contrastive
+losses compare: ``map_ir = w_ir·h``, ``map_vis = w_vis·h`` and the SSO features of each encoder.
+The input order of its first conv follows the release's training script: [infrared features, visible features].
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cs2fusion.config import ModelParams
+from cs2fusion.model.backbone import EncoderFeatures, conv3x3
+
+
+class CPNOutput(NamedTuple):
+    """w_ir / w_vis: (N, 1, H, W) compensation maps; map_* and sso_*: (N, 64·H·W) flattened features."""
+
+    w_ir: torch.Tensor
+    w_vis: torch.Tensor
+    map_ir: torch.Tensor
+    map_vis: torch.Tensor
+    sso_ir: torch.Tensor
+    sso_vis: torch.Tensor
+
+
+def _reduce_dims(x: torch.Tensor, scope: str) -> tuple[int, ...]:
+    return tuple(range(1, x.dim())) if scope == "sample" else tuple(range(x.dim()))
+
+
+def minmax(x: torch.Tensor, scope: str) -> torch.Tensor:
+    """(x − min) / (max − min + 1e-10), per sample (``scope="sample"``) or over the whole tensor ("batch")."""
+    dims = _reduce_dims(x, scope)
+    lo = x.amin(dim=dims, keepdim=True)
+    hi = x.amax(dim=dims, keepdim=True)
+    return (x - lo) / (hi - lo + 1e-10)
+
+
+def saliency_operation(e: torch.Tensor, scope: str) -> torch.Tensor:
+    """SSO(e) = minmax(clamp(e − mean(e), 1e-10)) + softmax(f fᵀ) f + e, with f = e as (N, C, H·W)."""
+    n, c, h, w = e.shape
+    f = e.reshape(n, c, h * w)
+    corr = torch.softmax(torch.bmm(f, f.transpose(1, 2)), dim=1)
+    self_corr = torch.bmm(corr, f).reshape(n, c, h, w)
+    centred = e - e.mean(dim=_reduce_dims(e, scope), keepdim=True)
+    return minmax(centred.clamp(min=1e-10), scope) + self_corr + e
+
+
+def sso_features(feats: EncoderFeatures, scope: str) -> torch.Tensor:
+    """[SSO(e1), SSO(e2), SSO(e3), SSO(e4)] of one encoder, flattened per sample: (N, 4C·H·W)."""
+    return torch.cat([saliency_operation(e, scope) for e in feats], dim=1).flatten(1)
+
+
+class CompensationPerceptionNetwork(nn.Module):
+    """Estimates the IR compensation map from the concatenated encoder features (the published ``Fusion_strage``)."""
+
+    def __init__(self, params: ModelParams = ModelParams()) -> None:
+        super().__init__()
+        enc = 4 * params.channels
+        self.params = params
+        self.conv = conv3x3(2 * enc, enc)
+        self.estimator = conv3x3(enc, 1)
+
+    def forward(self, *, ir: EncoderFeatures, vis: EncoderFeatures) -> CPNOutput:
+        """ir, vis: encoder features of each branch (detached here, so no gradient reaches the backbone)."""
+        ir = EncoderFeatures(*(t.detach() for t in ir))
+        vis = EncoderFeatures(*(t.detach() for t in vis))
+        scope = self.params.norm_scope
+        h = F.leaky_relu(self.conv(torch.cat([ir.stacked(), vis.stacked()], dim=1)), self.params.negative_slope)
+        w_ir = minmax(self.estimator(h), scope)
+        w_vis = 1.0 - w_ir
+        return CPNOutput(
+            w_ir=w_ir,
+            w_vis=w_vis,
+            map_ir=(w_ir * h).flatten(1),
+            map_vis=(w_vis * h).flatten(1),
+            sso_ir=sso_features(ir, scope),
+            sso_vis=sso_features(vis, scope),
+        )

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs cs2fusion with its pipeline and test extras.
+# torch is pinned to the CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_SPEC=${CS2FUSION_TORCH:-torch==2.13.0}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; return "${PIPESTATUS[0]}"; }
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  quiet .venv/bin/python -m pip install -q "$TORCH_SPEC"
+fi
+quiet .venv/bin/python -m pip install -q -e ".[pipeline,test]"
+export DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true RAY_AUTH_MODE=disabled

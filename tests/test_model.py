@@ -1,0 +1,67 @@
+"""Model anatomy: parameter counts, any H×W, branch keywords, per-sample independence, input scale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cs2fusion.config import ModelParams
+from cs2fusion.model import Backbone, CompensationPerceptionNetwork
+
+
+def test_parameter_counts_match_release() -> None:
+    assert sum(p.numel() for p in Backbone().parameters()) == 191_732
+    assert sum(p.numel() for p in CompensationPerceptionNetwork().parameters()) == 74_369
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (7, 13), (33, 17), (64, 48)])
+def test_any_size(hw: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    net, cpn = Backbone(), CompensationPerceptionNetwork()
+    vis, ir = torch.rand(2, 1, *hw), torch.rand(2, 1, *hw)
+    out = net(vis_y=vis, ir=ir)
+    assert out.fused.shape == (2, 1, *hw)
+    assert all(e.shape == (2, 16, *hw) for e in (*out.vis, *out.ir))
+    c = cpn(ir=out.ir, vis=out.vis)
+    assert c.w_ir.shape == (2, 1, *hw)
+    assert torch.allclose(c.w_ir + c.w_vis, torch.ones_like(c.w_ir))
+    assert 0 <= c.w_ir.min() and c.w_ir.max() <= 1
+    assert c.map_ir.shape == c.sso_ir.shape == (2, 64 * hw[0] * hw[1])
+
+
+def test_branches_are_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        Backbone()(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8))  # type: ignore[misc]
+
+
+def test_branches_are_not_symmetric() -> None:
+    torch.manual_seed(0)
+    net = Backbone()
+    a, b = torch.rand(1, 1, 16, 16), torch.rand(1, 1, 16, 16)
+    assert not torch.allclose(net(vis_y=a, ir=b).fused, net(vis_y=b, ir=a).fused)
+
+
+def test_input_scale_applied_inside() -> None:
+    """The [0,1] API with input_scale 255 equals the raw 0–255 network on 0–255 data, scaled back."""
+    torch.manual_seed(0)
+    net = Backbone()
+    a, b = torch.rand(1, 1, 12, 12), torch.rand(1, 1, 12, 12)
+    fused = net(vis_y=a, ir=b).fused
+    fv, fi = net.encode(a * 255, b * 255)
+    raw = net.decode(fv.stacked(), fi.stacked())
+    torch.testing.assert_close(fused * 255, raw)
+    assert net.params.input_scale == 255.0
+
+
+@pytest.mark.parametrize("scope, independent", [("sample", True), ("batch", False)])
+def test_cpn_sample_independent_of_batch(scope: str, independent: bool) -> None:
+    torch.manual_seed(0)
+    params = ModelParams(norm_scope=scope)
+    net, cpn = Backbone(params), CompensationPerceptionNetwork(params)
+    vis, ir = torch.rand(3, 1, 10, 10), torch.rand(3, 1, 10, 10)
+    vis[2] *= 0.1  # a very different batch neighbour
+    out = net(vis_y=vis, ir=ir)
+    alone = net(vis_y=vis[:1], ir=ir[:1])
+    w_batch = cpn(ir=out.ir, vis=out.vis).w_ir[:1]
+    w_alone = cpn(ir=alone.ir, vis=alone.vis).w_ir
+    assert torch.allclose(w_batch, w_alone, atol=1e-6) == independent
