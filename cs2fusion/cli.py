@@ -78,6 +78,22 @@ def import_published(
     log.info("wrote %s", out)
 
 
+@app.command()
+def synth(
+    out: Path = typer.Option(Path("data/demo"), help="Folder to write ir/ and vi/ into."),
+    pairs: int = typer.Option(16, min=1, help="Number of pairs."),
+    width: int = typer.Option(160, min=16),
+    height: int = typer.Option(128, min=16),
+    seed: int = typer.Option(0),
+) -> None:
+    """Write the built-in demo data set (registered IR/visible pairs; a demo only, never for quality claims)."""
+    from cs2fusion.config import SynthParams
+    from cs2fusion.data.synth import write_demo
+
+    write_demo(SynthParams(out=str(out), pairs=pairs, width=width, height=height, seed=seed))
+    log.info("wrote %d demo pairs to %s", pairs, out)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="cs2fusion")

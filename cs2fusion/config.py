@@ -38,11 +38,120 @@ class ImpairParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class SynthParams:
+    """The built-in demo data set (``cs2fusion synth``): a demo only, never for quality claims."""
+
+    out: str = "data/demo"
+    pairs: int = 16
+    width: int = 160
+    height: int = 128
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One data set in its native layout, and how its pairs are split.
+
+    Split precedence: ``lists`` (split name → list file of ids; pairs in no list are "unused"), else ``ratio``
+    (split name → fraction, seeded), else the layout's native split (MSRS, LLVIP), else ``default_split``.
+    """
+
+    name: str
+    root: str
+    layout: str = "auto"
+    lists: dict[str, str] = dataclasses.field(default_factory=dict)
+    ratio: dict[str, float] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    default_split: str = "test"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareParams:
+    """``prepare`` stage: data sets to find and validate; ``strict`` fails on any bad pair, ``skip`` drops it."""
+
+    datasets: tuple[DatasetSpec, ...] = ()
+    policy: Literal["strict", "skip"] = "strict"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardParams:
+    """``shard`` stage: training patches and whole-image evaluation sets as WebDataset shards.
+
+    ``train`` / ``eval`` name ``<dataset>/<split>`` of the manifest. Patches are cut on a ``stride`` grid;
+    ``max_patches_per_image`` (0 = all) keeps a seeded random subset per image. Each set is written as a
+    multiple of ``shard_multiple`` shards of near-equal size (≤ ``max_samples_per_shard``) so that ranks ×
+    loader workers get equal shares.
+    """
+
+    train: tuple[str, ...] = ()
+    eval: tuple[str, ...] = ()
+    patch_size: int = 128
+    stride: int = 64
+    max_patches_per_image: int = 0
+    max_samples_per_shard: int = 512
+    shard_multiple: int = 4
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    """``train`` stage: the paper's recipe by default, plus the Ray scaling and checkpoint knobs.
+
+    ``batch_size`` is the global batch, split evenly over ``num_workers`` (the contrastive similarity matrices
+    are computed per worker, over its local batch). ``max_steps_per_epoch`` (0 = the full epoch) shortens runs.
+    ``init_from`` starts the backbone (and CPN, if stored) from a cs2fusion checkpoint.
+    """
+
+    epochs: int = 20
+    batch_size: int = 16
+    lr_backbone: float = 2e-3
+    lr_cpn: float = 2e-4
+    betas: tuple[float, ...] = (0.9, 0.999)
+    milestones: tuple[int, ...] = (5, 10, 15)
+    gamma: float = 0.1
+    alpha: float = 0.25
+    impaired_weight: float = 2.0
+    seed: int = 0
+    max_steps_per_epoch: int = 0
+    shuffle_buffer: int = 256
+    loader_workers: int = 1
+    init_from: str = ""
+    # Ray
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    threads_per_worker: int = 1
+    max_failures: int = 1
+    checkpoint_every: int = 1
+    storage_path: str = "runs"
+    run_name: str = "train"
+    collective_timeout_s: int = 300
+    # MLflow
+    experiment: str = "cs2fusion"
+    log_every: int = 10
+    val_set: str = ""
+    val_samples: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingParams:
+    """MLflow: empty ``uri`` = the embedded local store ``mlflow.db`` + ``mlartifacts/`` in the project."""
+
+    uri: str = ""
+    artifact_root: str = "mlartifacts"
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     """The whole ``params.yaml``; sections are added by the stages that read them."""
 
     model: ModelParams = dataclasses.field(default_factory=ModelParams)
     impair: ImpairParams = dataclasses.field(default_factory=ImpairParams)
+    synth: SynthParams = dataclasses.field(default_factory=SynthParams)
+    prepare: PrepareParams = dataclasses.field(default_factory=PrepareParams)
+    shard: ShardParams = dataclasses.field(default_factory=ShardParams)
+    train: TrainParams = dataclasses.field(default_factory=TrainParams)
+    tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
 
 
 class ParamsError(ValueError):
@@ -81,7 +190,8 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ParamsError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
+        key_type, value_type = typing.get_args(hint)
+        return {_check_type(k, key_type, where): _check_type(v, value_type, f"{where}.{k}") for k, v in value.items()}
     if hint is Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):

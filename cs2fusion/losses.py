@@ -35,19 +35,21 @@ def sim_min_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_loss(
-    main: CPNOutput, impaired: CPNOutput, *, alpha: float, impaired_weight: float
+    main: CPNOutput, *, impaired_sso_ir: torch.Tensor, impaired_sso_vis: torch.Tensor, alpha: float,
+    impaired_weight: float,
 ) -> dict[str, torch.Tensor]:
     """loss_CPN = contrast_1 + k·contrast_2 (k = ``impaired_weight``), with its two terms, as a dict.
 
     contrast_1 = sim-max(SSO_ir, map_ir) + sim-max(SSO_vis, map_vis) + sim-min(map_vis, map_ir);
-    contrast_2 = sim-max(map_ir, SSO_ir′) + sim-min(map_ir, SSO_vis′), ′ = the pass with the impaired visible.
+    contrast_2 = sim-max(map_ir, SSO_ir′) + sim-min(map_ir, SSO_vis′), ′ = the pass with the impaired visible
+    (only SSO features of it are used, so the second pass needs no CPN forward).
     """
     c1 = (
         sim_max_loss(main.sso_ir, main.map_ir, alpha=alpha)
         + sim_max_loss(main.sso_vis, main.map_vis, alpha=alpha)
         + sim_min_loss(main.map_vis, main.map_ir)
     )
-    c2 = sim_max_loss(main.map_ir, impaired.sso_ir, alpha=alpha) + sim_min_loss(main.map_ir, impaired.sso_vis)
+    c2 = sim_max_loss(main.map_ir, impaired_sso_ir, alpha=alpha) + sim_min_loss(main.map_ir, impaired_sso_vis)
     return {"cpn": c1 + impaired_weight * c2, "contrast_1": c1, "contrast_2": c2}
 
 

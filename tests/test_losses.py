@@ -48,7 +48,8 @@ def _losses(seed: int = 0) -> tuple[Backbone, CompensationPerceptionNetwork, dic
     out2 = net(vis_y=vis_imp, ir=ir)
     imp = cpn(ir=out2.ir, vis=out2.vis)
     lb = backbone_loss(out.fused, ir=ir, vis_y=vis, w_ir=main.w_ir, w_vis=main.w_vis, scale=255.0)
-    lc = contrastive_loss(main, imp, alpha=0.25, impaired_weight=2.0)
+    lc = contrastive_loss(main, impaired_sso_ir=imp.sso_ir, impaired_sso_vis=imp.sso_vis, alpha=0.25,
+                          impaired_weight=2.0)
     return net, cpn, lb, lc
 
 

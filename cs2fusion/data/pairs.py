@@ -41,14 +41,25 @@ def natural_key(text: str) -> tuple:
     return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t)
 
 
+def match_pairs(ir_dir: str | Path, vi_dir: str | Path) -> tuple[list[Pair], list[str]]:
+    """Pairs matched by id in natural id order, and one message per image without its partner."""
+    irs, vis = list_images(ir_dir), list_images(vi_dir)
+    problems = [
+        f"{ids[i]}: no {kind} partner (id {i!r})"
+        for ids, other, kind in ((irs, vis, "visible"), (vis, irs, "infrared"))
+        for i in sorted(set(ids) - set(other), key=natural_key)
+    ]
+    pairs = [Pair(i, irs[i], vis[i]) for i in sorted(set(irs) & set(vis), key=natural_key)]
+    return pairs, problems
+
+
 def find_pairs(ir_dir: str | Path, vi_dir: str | Path) -> list[Pair]:
     """Pairs matched by id, in natural id order; an image without its partner raises, naming it."""
-    irs, vis = list_images(ir_dir), list_images(vi_dir)
-    for ids, other, kind in ((irs, vis, "visible"), (vis, irs, "infrared")):
-        missing = sorted(set(ids) - set(other), key=natural_key)
-        if missing:
-            raise InputError(f"{ids[missing[0]]}: no {kind} partner (id {missing[0]!r}; {len(missing)} unpaired)")
-    return [Pair(i, irs[i], vis[i]) for i in sorted(irs, key=natural_key)]
+    pairs, problems = match_pairs(ir_dir, vi_dir)
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InputError(problems[0] + more)
+    return pairs
 
 
 def load_pair(pair: Pair) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,154 @@
+"""Framework-free training: the state (nets, optimizers, schedulers), one step, one epoch, state round trip.
+
+The release trains the backbone and the CPN with two optimizers and two backward passes whose graphs share no
+parameters (the CPN sees detached encoder features; the backbone loss uses the compensation maps as
+constants). We keep exactly that. The impaired pass only needs SSO features of the visible encoder (the IR
+encoder's input is unchanged, so its SSO features equal the main pass's), so it runs one encoder, without
+gradients.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from cs2fusion.config import ModelParams, TrainParams
+from cs2fusion.losses import backbone_loss, contrastive_loss
+from cs2fusion.model import Backbone, CompensationPerceptionNetwork
+from cs2fusion.model.cpn import sso_features
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Nets and optimisation state. ``*_train`` are what the step calls (e.g. DDP-wrapped); default: the nets."""
+
+    backbone: Backbone
+    cpn: CompensationPerceptionNetwork
+    opt_backbone: torch.optim.Optimizer
+    opt_cpn: torch.optim.Optimizer
+    sched_backbone: torch.optim.lr_scheduler.MultiStepLR
+    sched_cpn: torch.optim.lr_scheduler.MultiStepLR
+    epoch: int = 0
+    step: int = 0
+    backbone_train: nn.Module | None = None
+    cpn_train: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        self.backbone_train = self.backbone_train or self.backbone
+        self.cpn_train = self.cpn_train or self.cpn
+
+
+def build_state(model: ModelParams, train: TrainParams, *, backbone: Backbone | None = None,
+                cpn: CompensationPerceptionNetwork | None = None) -> TrainState:
+    """Fresh nets (or the given ones) with the release's Adam + MultiStep schedule."""
+    backbone = backbone or Backbone(model)
+    cpn = cpn or CompensationPerceptionNetwork(model)
+    betas = tuple(train.betas)
+    opt_b = torch.optim.Adam(backbone.parameters(), lr=train.lr_backbone, betas=betas)
+    opt_c = torch.optim.Adam(cpn.parameters(), lr=train.lr_cpn, betas=betas)
+    milestones = list(train.milestones)
+    return TrainState(
+        backbone, cpn, opt_b, opt_c,
+        torch.optim.lr_scheduler.MultiStepLR(opt_b, milestones, gamma=train.gamma),
+        torch.optim.lr_scheduler.MultiStepLR(opt_c, milestones, gamma=train.gamma),
+    )
+
+
+def train_step(state: TrainState, batch: Batch, train: TrainParams) -> dict[str, float]:
+    """One optimisation step of both nets on (ir, vis_y, vis_y_impaired), each (N, 1, H, W) in [0, 1]."""
+    ir, vis, vis_imp = batch
+    state.backbone_train.train()
+    state.cpn_train.train()
+    out = state.backbone_train(vis_y=vis, ir=ir)
+    main = state.cpn_train(ir=out.ir, vis=out.vis)
+    with torch.no_grad():
+        imp_vis = state.backbone.encoder_vis(vis_imp * state.backbone.params.input_scale)
+        imp_sso_vis = sso_features(imp_vis, state.cpn.params.norm_scope)
+
+    lb = backbone_loss(out.fused, ir=ir, vis_y=vis, w_ir=main.w_ir, w_vis=main.w_vis,
+                       scale=state.backbone.params.input_scale)
+    state.opt_backbone.zero_grad(set_to_none=True)
+    lb["backbone"].backward()
+    state.opt_backbone.step()
+
+    lc = contrastive_loss(main, impaired_sso_ir=main.sso_ir, impaired_sso_vis=imp_sso_vis, alpha=train.alpha,
+                          impaired_weight=train.impaired_weight)
+    state.opt_cpn.zero_grad(set_to_none=True)
+    lc["cpn"].backward()
+    state.opt_cpn.step()
+    state.step += 1
+    return {f"loss/{k}": float(v.detach()) for k, v in {**lb, **lc}.items()}
+
+
+def run_epoch(state: TrainState, batches: Iterable[Batch], train: TrainParams, *, steps: int,
+              device: torch.device | str = "cpu",
+              on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+    """``steps`` steps over ``batches`` (every rank runs the same count); returns epoch means and throughput."""
+    sums: dict[str, float] = collections.defaultdict(float)
+    samples, done = 0, 0
+    data_time, start = 0.0, time.perf_counter()
+    batches = iter(batches)
+    while done < steps:
+        t0 = time.perf_counter()
+        try:
+            _, ir, vis, vis_imp = next(batches)
+        except StopIteration:
+            raise RuntimeError(f"data ran out after {done} of {steps} steps") from None
+        data_time += time.perf_counter() - t0
+        batch = tuple(t.to(device, non_blocking=True) for t in (ir, vis, vis_imp))
+        metrics = train_step(state, batch, train)
+        samples += ir.shape[0]
+        done += 1
+        for k, v in metrics.items():
+            sums[k] += v
+        if on_step:
+            on_step(state.step, metrics)
+    elapsed = time.perf_counter() - start
+    state.sched_backbone.step()
+    state.sched_cpn.step()
+    state.epoch += 1
+    means = {k: v / max(done, 1) for k, v in sums.items()}
+    means.update({"perf/samples_per_s": samples / elapsed, "perf/data_fraction": data_time / elapsed})
+    return means
+
+
+def lrs(state: TrainState) -> dict[str, float]:
+    """Current learning rates of both optimizers."""
+    return {"lr/backbone": state.opt_backbone.param_groups[0]["lr"], "lr/cpn": state.opt_cpn.param_groups[0]["lr"]}
+
+
+def optim_state(state: TrainState) -> dict[str, Any]:
+    """Optimizer / scheduler / counters / RNG state: plain containers of tensors, safe for ``weights_only``."""
+    def sched(s: torch.optim.lr_scheduler.MultiStepLR) -> dict[str, Any]:
+        d = dict(s.state_dict())
+        d["milestones"] = dict(d["milestones"])
+        return d
+
+    return {
+        "opt_backbone": state.opt_backbone.state_dict(),
+        "opt_cpn": state.opt_cpn.state_dict(),
+        "sched_backbone": sched(state.sched_backbone),
+        "sched_cpn": sched(state.sched_cpn),
+        "epoch": state.epoch,
+        "step": state.step,
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def load_optim_state(state: TrainState, saved: dict[str, Any]) -> None:
+    """Inverse of :func:`optim_state` (the nets' weights are restored separately)."""
+    state.opt_backbone.load_state_dict(saved["opt_backbone"])
+    state.opt_cpn.load_state_dict(saved["opt_cpn"])
+    for sched, key in ((state.sched_backbone, "sched_backbone"), (state.sched_cpn, "sched_cpn")):
+        d = dict(saved[key])
+        d["milestones"] = collections.Counter(d["milestones"])
+        sched.load_state_dict(d)
+    state.epoch, state.step = int(saved["epoch"]), int(saved["step"])
+    torch.set_rng_state(saved["torch_rng"])

@@ -1,0 +1,1 @@
+"""DVC stage entry points (``python -m pipeline.<stage>``) and the thin Ray / MLflow adapters."""

@@ -1,0 +1,29 @@
+"""Stage ``shard``: training patches and whole-image evaluation sets as WebDataset shards + ``shards.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from pipeline.common import clean_errors, parser, setup
+
+from cs2fusion.data.shards import write_shards
+
+log = logging.getLogger("pipeline.shard")
+
+
+@clean_errors
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--manifest", type=Path, required=True, help="manifest from the prepare stage")
+    p.add_argument("--out", type=Path, required=True, help="shard folder to (re)write")
+    args = p.parse_args()
+    params = setup(args)
+    index = write_shards(json.loads(args.manifest.read_text()), params.shard, args.out)
+    for name, s in index["sets"].items():
+        log.info("%s: %d samples in %d shards", name, s["samples"], len(s["shards"]))
+
+
+if __name__ == "__main__":
+    main()

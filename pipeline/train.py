@@ -1,0 +1,240 @@
+"""Stage ``train``: Ray Train ``TorchTrainer`` (DDP over N workers, CPU or GPU), MLflow-logged, checkpointed.
+
+The loop body is :mod:`cs2fusion.training`; this file holds the Ray touch points (device, DDP, rank-split
+shards, ``ray.train.report`` with checkpoints, ``FailureConfig``) and the MLflow run. ``RAY_ADDRESS`` attaches
+to an existing cluster; ``--resume`` continues a stopped run from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cs2fusion.checkpoint import load_checkpoint, save_checkpoint
+from cs2fusion.config import Params, build, to_dict
+from cs2fusion.data.manifest import sha256_file
+from cs2fusion.data.shards import TrainShards, iter_eval, read_index, set_files, steps_per_epoch
+from cs2fusion.fusion import Fuser
+from cs2fusion.io import InputError, write_png, write_text
+from cs2fusion.model import Backbone, CompensationPerceptionNetwork
+from cs2fusion.training import build_state, load_optim_state, lrs, optim_state, run_epoch
+from cs2fusion.visual import grid
+from pipeline.common import clean_errors, parser, setup
+
+log = logging.getLogger("pipeline.train")
+MODEL_FILE, STATE_FILE, RUN_ID_FILE = "model.safetensors", "train_state.pt", "mlflow_run_id"
+
+
+def _init_nets(params: Params) -> tuple[Backbone, CompensationPerceptionNetwork]:
+    torch.manual_seed(params.train.seed)
+    backbone, cpn = Backbone(params.model), CompensationPerceptionNetwork(params.model)
+    if params.train.init_from:
+        ckpt = load_checkpoint(params.train.init_from, with_cpn=False)
+        backbone.load_state_dict(ckpt.backbone.state_dict())
+        if ckpt.meta.get("has_cpn"):
+            cpn.load_state_dict(load_checkpoint(params.train.init_from, with_cpn=True).cpn.state_dict())
+    return backbone, cpn
+
+
+def _val_grid(backbone: Backbone, files: list[str], count: int) -> np.ndarray:
+    fuser = Fuser(backbone, device=next(backbone.parameters()).device)
+    rows = []
+    for k, (_, ir, vi) in enumerate(iter_eval(files)):
+        if k >= count:
+            break
+        rows.append([ir, vi, fuser.fuse(vis=vi, ir=ir)])
+    backbone.train()
+    return grid(rows)
+
+
+def _across_ranks(means: dict[str, float], world: int) -> dict[str, float]:
+    """Epoch means averaged over ranks; throughput summed (the whole cluster's samples/s)."""
+    if world > 1:
+        keys = sorted(means)
+        values = torch.tensor([means[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(values)
+        means = {k: float(v) / world for k, v in zip(keys, values)}
+        means["perf/samples_per_s"] *= world
+    return means
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Per-worker loop (runs inside Ray Train workers)."""
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.mlflow_adapter import Tracker
+
+    params: Params = build(Params, config["params"])
+    tp = params.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(tp.threads_per_worker)
+    device = ray.train.torch.get_device()
+    tracker = Tracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+
+    backbone, cpn = _init_nets(params)
+    backbone.to(device)
+    cpn.to(device)
+    state = build_state(params.model, tp, backbone=backbone, cpn=cpn)
+    resumed = ray.train.get_checkpoint()
+    if resumed:
+        with resumed.as_directory() as folder:
+            ckpt = load_checkpoint(Path(folder) / MODEL_FILE, with_cpn=True)
+            backbone.load_state_dict(ckpt.backbone.state_dict())
+            cpn.load_state_dict(ckpt.cpn.state_dict())
+            load_optim_state(state, torch.load(Path(folder) / STATE_FILE, weights_only=True))
+        log.info("rank %d resumed at epoch %d, step %d", rank, state.epoch, state.step)
+        if tracker:
+            tracker.metrics({"resume/from_epoch": state.epoch, "resume/from_step": state.step}, step=state.step)
+    state.backbone_train = ray.train.torch.prepare_model(backbone)
+    state.cpn_train = ray.train.torch.prepare_model(cpn)
+
+    index = read_index(config["shards"])["sets"]["train"]
+    if tp.batch_size % world:
+        raise InputError(f"train.batch_size {tp.batch_size} is not divisible by num_workers {world}")
+    local_batch = tp.batch_size // world
+    dataset = TrainShards(set_files(config["shards"], "train"), rank=rank, world_size=world, seed=tp.seed,
+                          impair_params=params.impair, shuffle_buffer=tp.shuffle_buffer)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, num_workers=tp.loader_workers,
+                                         drop_last=True)
+    val_files = set_files(config["shards"], tp.val_set) if tp.val_set and tracker else []
+    fail_at, fail_marker = config.get("fail_at_step", 0), config.get("fail_marker", "")
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        if fail_at and step == fail_at and rank == 0 and not Path(fail_marker).exists():
+            Path(fail_marker).touch()
+            raise RuntimeError(f"injected worker failure at step {step}")
+        if tracker and step % tp.log_every == 0:
+            tracker.metrics({**metrics, **lrs(state)}, step=step)
+
+    while state.epoch < tp.epochs:
+        dataset.set_epoch(state.epoch)
+        steps = steps_per_epoch(index, world_size=world, loader_workers=tp.loader_workers, local_batch=local_batch,
+                                seed=tp.seed, epoch=state.epoch)
+        if tp.max_steps_per_epoch:
+            steps = min(steps, tp.max_steps_per_epoch)
+        if steps == 0:
+            raise InputError(f"too few training samples for batch {tp.batch_size} on {world} workers")
+        means = _across_ranks(run_epoch(state, loader, tp, steps=steps, device=device, on_step=on_step), world)
+        metrics = {**{f"epoch/{k}": v for k, v in means.items()}, **lrs(state), "epoch": state.epoch,
+                   "step": state.step}
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if tracker:
+                tracker.metrics({k: v for k, v in metrics.items() if k != "step"}, step=state.epoch)
+                if val_files:
+                    write_png(Path(folder) / f"val_epoch_{state.epoch:03d}.png",
+                              _val_grid(backbone, val_files, tp.val_samples))
+                    tracker.artifact(Path(folder) / f"val_epoch_{state.epoch:03d}.png", "val_samples")
+            last = state.epoch == tp.epochs
+            if rank == 0 and (state.epoch % tp.checkpoint_every == 0 or last):
+                save_checkpoint(Path(folder) / MODEL_FILE, backbone, cpn, epoch=state.epoch, step=state.step)
+                torch.save(optim_state(state), Path(folder) / STATE_FILE)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _loss_plot(tracker: Any, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, key in zip(axes, ("loss/backbone", "loss/cpn")):
+        hist = sorted(tracker.history(key))
+        ax.plot([s for s, _ in hist], [v for _, v in hist], lw=1)
+        ax.set(title=key, xlabel="step", yscale="log")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def fit(params: Params, *, shards: Path, out: Path, metrics_out: Path | None, root: Path,
+        resume: bool = False) -> dict[str, Any]:
+    """Runs the trainer and writes the final model; returns the final metrics (with the MLflow run id)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.mlflow_adapter import Tracker, artifact_location, git_commit, new_run, tracking_uri
+
+    tp = params.train
+    storage = Path(tp.storage_path).resolve()
+    run_dir = storage / tp.run_name
+    uri = tracking_uri(params.tracking, root)
+    if resume and (run_dir / RUN_ID_FILE).is_file():
+        tracker = Tracker(uri, (run_dir / RUN_ID_FILE).read_text().strip())
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # a fresh run: never silently resume an old one
+        tracker = new_run(uri, tp.experiment, artifact_location(params.tracking, root), tp.run_name)
+        tracker.params(to_dict(params))
+        tracker.tags({"git_commit": git_commit(root), "shards_sha256": sha256_file(shards / "shards.json"),
+                      "stage": "train"})
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_ID_FILE).write_text(tracker.run_id)
+    config = {"params": to_dict(params), "shards": str(shards.resolve()), "tracking_uri": uri,
+              "run_id": tracker.run_id, "fail_at_step": int(os.environ.get("CS2FUSION_FAIL_AT_STEP", "0")),
+              "fail_marker": os.environ.get("CS2FUSION_FAIL_MARKER", str(run_dir / "failed_once"))}
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if tp.use_gpu else "gloo", timeout_s=tp.collective_timeout_s),
+        scaling_config=ScalingConfig(num_workers=tp.num_workers, use_gpu=tp.use_gpu,
+                                     resources_per_worker={"CPU": tp.cpus_per_worker}),
+        run_config=RunConfig(name=tp.run_name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=tp.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracker.finish("FAILED")
+        raise
+    with result.checkpoint.as_directory() as folder:
+        ckpt = load_checkpoint(Path(folder) / MODEL_FILE, with_cpn=True)
+        meta = ckpt.meta
+    save_checkpoint(out, ckpt.backbone, ckpt.cpn, epoch=meta["epoch"], step=meta["step"],
+                    mlflow_run_id=tracker.run_id, git_commit=git_commit(root),
+                    shards_sha256=sha256_file(shards / "shards.json"), source="cs2fusion train stage")
+    final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    final["mlflow_run_id"] = tracker.run_id
+    with tempfile.TemporaryDirectory() as folder:
+        _loss_plot(tracker, Path(folder) / "loss_curves.png")
+        tracker.artifact(Path(folder) / "loss_curves.png", "plots")
+    tracker.artifact(out, "model")
+    if metrics_out:
+        write_text(metrics_out, json.dumps(final, indent=2, sort_keys=True) + "\n")
+    tracker.finish()
+    return final
+
+
+@clean_errors
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--shards", type=Path, required=True, help="shard folder from the shard stage")
+    p.add_argument("--out", type=Path, required=True, help="final model checkpoint (.safetensors)")
+    p.add_argument("--metrics", type=Path, default=None, help="final training metrics (JSON)")
+    p.add_argument("--resume", action="store_true", help="continue the stopped run from its latest checkpoint")
+    args = p.parse_args()
+    params = setup(args)
+    final = fit(params, shards=args.shards, out=args.out, metrics_out=args.metrics, root=Path.cwd(),
+                resume=args.resume)
+    log.info("trained: epoch %s, step %s, MLflow run %s", final.get("epoch"), final.get("step"),
+             final["mlflow_run_id"])
+
+
+if __name__ == "__main__":
+    main()
