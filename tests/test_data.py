@@ -193,3 +193,10 @@ def test_impaired_view_seeded_per_sample_and_epoch(small_manifest: dict, tmp_pat
 
 def test_manifest_is_json_serialisable(small_manifest: dict) -> None:
     assert json.loads(json.dumps(small_manifest)) == small_manifest
+
+
+def test_eval_set_overlapping_training_is_refused(small_manifest: dict, tmp_path: Path) -> None:
+    leaky = ShardParams(train=("rs/train",), eval=("rs",), patch_size=64, stride=48)
+    with pytest.raises(InputError, match="contains training pair"):
+        write_shards(small_manifest, leaky, tmp_path / "s")
+    assert not (tmp_path / "s").exists()

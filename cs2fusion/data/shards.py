@@ -137,8 +137,19 @@ def set_prefix(name: str) -> str:
     return name.replace("/", "-")
 
 
+def check_no_leak(manifest: dict[str, Any], params: ShardParams) -> None:
+    """Refuses an evaluation set that shares a pair (same infrared file bytes) with the training sets."""
+    trained = {e["ir_sha256"]: (name, e["id"]) for name in params.train for e in select(manifest, name)}
+    for name in params.eval:
+        for entry in select(manifest, name):
+            if entry["ir_sha256"] in trained:
+                source, pid = trained[entry["ir_sha256"]]
+                raise InputError(f"{entry['ir']}: evaluation set {name} contains training pair {source}:{pid}")
+
+
 def write_shards(manifest: dict[str, Any], params: ShardParams, out: str | Path) -> dict[str, Any]:
     """Writes every set of ``params`` into ``out`` (replaced atomically as a whole) with ``shards.json``."""
+    check_no_leak(manifest, params)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
