@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
-
 import typer
 from tqdm import tqdm
 
@@ -26,6 +24,18 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _resolve_model(model: str) -> Path:
+    """A checkpoint path, or a registry/run URI resolved through the MLflow adapter."""
+    if model.startswith(("models:/", "runs:/")):
+        from pipeline.registry import resolve_checkpoint  # the thin MLflow adapter, only when asked for
+
+        try:
+            return resolve_checkpoint(model)
+        except Exception as err:  # MLflow raises many kinds; the user needs one line
+            raise InputError(f"{model}: cannot load from the registry ({err})") from None
+    return Path(model)
+
+
 @app.command()
 def fuse(
     model: str = typer.Option(..., help="Checkpoint (.safetensors) or registry URI models:/<name>@<alias>."),
@@ -43,7 +53,7 @@ def fuse(
         pairs = find_pairs(ir, vi)
         for pair in tqdm(pairs, desc="checking", unit="pair", disable=None):
             load_pair(pair)
-        fuser = Fuser(load_checkpoint(model).backbone)
+        fuser = Fuser(load_checkpoint(_resolve_model(model)).backbone)
         for pair in tqdm(pairs, desc="fusing", unit="pair", disable=None):
             ir_img, vi_img = load_pair(pair)
             write_png(out / f"{pair.id}.png", fuser.fuse(vis=vi_img, ir=ir_img))

@@ -134,6 +134,42 @@ class TrainParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class FuseParams:
+    """``fuse`` stage: every evaluation set of the shard stage, by our model and the published baseline.
+
+    ``published``: folder of the release's weights; skipped with a warning when it does not exist (the demo
+    quick start runs anywhere). ``tile``/``max_pixels``: exact tiled inference above that many pixels.
+    """
+
+    published: str = "../shared/reference/cs2fusion-published"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tile: int = 512
+    max_pixels: int = 4_000_000
+    threads: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateParams:
+    """``evaluate`` stage: metrics per image and method, the comparison table and visual report."""
+
+    primary_set: str = ""
+    report_samples: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisterParams:
+    """``register`` stage: registry name, aliases and the promotion gate.
+
+    The challenger becomes champion when it beats the champion on at least ``min_wins`` of ``gate_metrics``
+    (higher is better for all of them) on the evaluation's primary set; the first model always becomes champion.
+    """
+
+    model_name: str = "cs2fusion"
+    gate_metrics: tuple[str, ...] = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")
+    min_wins: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
 class TrackingParams:
     """MLflow: empty ``uri`` = the embedded local store ``mlflow.db`` + ``mlartifacts/`` in the project."""
 
@@ -151,6 +187,9 @@ class Params:
     prepare: PrepareParams = dataclasses.field(default_factory=PrepareParams)
     shard: ShardParams = dataclasses.field(default_factory=ShardParams)
     train: TrainParams = dataclasses.field(default_factory=TrainParams)
+    fuse: FuseParams = dataclasses.field(default_factory=FuseParams)
+    evaluate: EvaluateParams = dataclasses.field(default_factory=EvaluateParams)
+    register: RegisterParams = dataclasses.field(default_factory=RegisterParams)
     tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
 
 

@@ -13,9 +13,6 @@ import io
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,7 +27,7 @@ from cs2fusion.config import ImpairParams, ShardParams
 from cs2fusion.data.impair import impair
 from cs2fusion.data.manifest import select, sha256_file
 from cs2fusion.data.pairs import Pair, load_pair
-from cs2fusion.io import InputError, read_grey
+from cs2fusion.io import InputError, atomic_dir, read_grey
 
 log = logging.getLogger(__name__)
 SHARDS_VERSION = 1
@@ -150,10 +147,7 @@ def check_no_leak(manifest: dict[str, Any], params: ShardParams) -> None:
 def write_shards(manifest: dict[str, Any], params: ShardParams, out: str | Path) -> dict[str, Any]:
     """Writes every set of ``params`` into ``out`` (replaced atomically as a whole) with ``shards.json``."""
     check_no_leak(manifest, params)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         sets: dict[str, Any] = {}
         if params.train:
             samples = train_samples(manifest, params)
@@ -166,12 +160,6 @@ def write_shards(manifest: dict[str, Any], params: ShardParams, out: str | Path)
             sets[name] = {"kind": "eval", "sources": [name], "samples": len(samples), "shards": records}
         index = {"version": SHARDS_VERSION, "sets": sets}
         (tmp / "shards.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return index
 
 

@@ -1,0 +1,47 @@
+"""Batch fusion of evaluation shards into PNG folders (the fuse stage's library half, no Ray)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cs2fusion.checkpoint import load_checkpoint
+from cs2fusion.config import FuseParams
+from cs2fusion.data.shards import iter_eval
+from cs2fusion.fusion import FuseOptions, Fuser
+from cs2fusion.io import write_png
+from cs2fusion.model import Backbone
+from cs2fusion.model.weights import load_published_backbone
+
+log = logging.getLogger(__name__)
+PUBLISHED = "published:"
+
+
+def load_backbone(spec: str) -> Backbone:
+    """A checkpoint path, or ``published:<folder>`` for the release's weights read directly."""
+    if spec.startswith(PUBLISHED):
+        backbone = Backbone()
+        load_published_backbone(backbone, Path(spec[len(PUBLISHED) :]) / "backbone.pt")
+        return backbone.eval()
+    return load_checkpoint(spec).backbone
+
+
+def make_fuser(spec: str, params: FuseParams, device: str = "cpu") -> Fuser:
+    """The fast-path fuser configured by the ``fuse`` params."""
+    if params.threads:
+        torch.set_num_threads(params.threads)
+    options = FuseOptions(precision=params.precision, tile=params.tile, max_pixels=params.max_pixels)
+    return Fuser(load_backbone(spec), device=device, options=options)
+
+
+def fuse_shards(spec: str, files: list[str], out: Path, params: FuseParams, *, progress: bool = True) -> int:
+    """Fuses every sample of ``files`` into ``out/<id>.png``; returns the count."""
+    fuser = make_fuser(spec, params, "cuda" if torch.cuda.is_available() else "cpu")
+    count = 0
+    for meta, ir, vi in tqdm(iter_eval(files), desc=f"fusing {out.name}", unit="pair", disable=not progress or None):
+        write_png(out / f"{meta['id']}.png", fuser.fuse(vis=vi, ir=ir))
+        count += 1
+    return count

@@ -1,0 +1,107 @@
+"""Stage ``evaluate``: the field's metrics per image and method, a summary for DVC, a comparison table, plots
+and a visual report (IR | visible | ours | published), also logged to the training run in MLflow."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+from cs2fusion.checkpoint import read_meta
+from cs2fusion.data.shards import iter_eval, read_index, set_files, set_prefix
+from cs2fusion.evaluation import comparison_table, evaluate_set, summarize, wins
+from cs2fusion.io import atomic_dir, read_image, write_png, write_text
+from cs2fusion.metrics import ALL_METRICS, MAIN_METRICS
+from cs2fusion.visual import grid
+from pipeline.common import clean_errors, parser, setup
+
+log = logging.getLogger("pipeline.evaluate")
+
+
+def _bar_chart(summary: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(summary), len(MAIN_METRICS), figsize=(2.2 * len(MAIN_METRICS), 2.6 * len(summary)),
+                             squeeze=False)
+    for row, (name, methods) in zip(axes, summary.items()):
+        for ax, metric in zip(row, MAIN_METRICS):
+            ax.bar(list(methods), [v[metric] for v in methods.values()], color="#4c72b0")
+            ax.set_title(f"{name}\n{metric}", fontsize=8)
+            ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+            ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def _samples(files: list[str], fused: dict[str, Path], count: int) -> list[list]:
+    rows = []
+    for k, (meta, ir, vi) in enumerate(iter_eval(files)):
+        if k >= count:
+            break
+        rows.append([ir, vi, *(read_image(folder / f"{meta['id']}.png") for folder in fused.values())])
+    return rows
+
+
+def _log_to_mlflow(params, model: Path, summary: dict, report: Path) -> None:
+    run_id = read_meta(model).get("mlflow_run_id")
+    if not run_id:
+        log.warning("%s has no MLflow run id: evaluation not logged to MLflow", model)
+        return
+    from pipeline.mlflow_adapter import Tracker, tracking_uri
+
+    tracker = Tracker(tracking_uri(params.tracking, Path.cwd()), run_id)
+    values = {}
+    for name, methods in summary.items():
+        for method, metrics in methods.items():
+            prefix = f"eval/{name}" if method == "ours" else f"eval/{name}/{method}"
+            values.update({f"{prefix}/{m}": metrics[m] for m in ALL_METRICS})
+    tracker.metrics(values, step=0)
+    for path in sorted(report.iterdir()):
+        tracker.artifact(path, "evaluation")
+
+
+@clean_errors
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--fused", type=Path, required=True, help="output of the fuse stage")
+    p.add_argument("--shards", type=Path, required=True, help="shard folder (evaluation sets: the sources)")
+    p.add_argument("--model", type=Path, required=True, help="the evaluated checkpoint (for its MLflow run)")
+    p.add_argument("--metrics", type=Path, required=True, help="summary metrics file (JSON, DVC metrics)")
+    p.add_argument("--report", type=Path, required=True, help="report folder (CSV, table, plots, samples)")
+    args = p.parse_args()
+    params = setup(args)
+    sets = [n for n, s in read_index(args.shards)["sets"].items() if s["kind"] == "eval"]
+    primary = params.evaluate.primary_set or sets[0]
+    methods = sorted(d.name for d in args.fused.iterdir() if d.is_dir())
+    rows = []
+    with atomic_dir(args.report) as tmp:
+        for name in sets:
+            fused = {m: args.fused / m / set_prefix(name) for m in methods}
+            rows += evaluate_set(name, set_files(args.shards, name), fused)
+            samples = _samples(set_files(args.shards, name), fused, params.evaluate.report_samples)
+            write_png(tmp / f"samples_{set_prefix(name)}.png", grid(samples))
+            (tmp / f"samples_{set_prefix(name)}.txt").write_text("columns: IR | visible | " + " | ".join(methods))
+        summary = summarize(rows)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["set", "method", "id", *ALL_METRICS])
+        writer.writeheader()
+        writer.writerows(rows)
+        (tmp / "metrics.csv").write_text(buf.getvalue())
+        (tmp / "comparison.md").write_text(comparison_table(summary))
+        _bar_chart(summary, tmp / "comparison.png")
+    result = {"primary_set": primary, "sets": summary}
+    if "published" in summary[primary]:
+        result["ours_beats_published_on"] = {n: wins(m["ours"], m["published"]) for n, m in summary.items()}
+    write_text(args.metrics, json.dumps(result, indent=2, sort_keys=True) + "\n")
+    _log_to_mlflow(params, args.model, summary, args.report)
+    log.info("\n%s", comparison_table(summary, MAIN_METRICS))
+
+
+if __name__ == "__main__":
+    main()

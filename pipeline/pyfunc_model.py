@@ -1,0 +1,39 @@
+"""The MLflow pyfunc wrapper: a cs2fusion checkpoint as an artifact, with our own pre/post-processing.
+
+Input: ``{"ir": uint8 (N, H, W), "vi": uint8 (N, H, W, C)}`` with C = 1 (grey) or 3 (RGB), any H×W;
+output: fused uint8 (N, H, W, C) — colour where the visible image is colour, exactly as ``cs2fusion fuse``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Schema, TensorSpec
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), "ir"), TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1), "vi")]),
+    outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1), "fused")]),
+)
+
+
+class FusionModel(mlflow.pyfunc.PythonModel):
+    """Fuses IR/visible arrays with the checkpoint stored as the ``checkpoint`` artifact."""
+
+    def load_context(self, context: Any) -> None:
+        from cs2fusion.checkpoint import load_checkpoint
+        from cs2fusion.fusion import Fuser
+
+        self.fuser = Fuser(load_checkpoint(context.artifacts["checkpoint"]).backbone)
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001 (untyped: MLflow reads hints)
+        ir, vi = np.asarray(model_input["ir"]), np.asarray(model_input["vi"])
+        if ir.ndim != 3 or vi.ndim != 4 or vi.shape[:3] != ir.shape or vi.shape[3] not in (1, 3):
+            raise ValueError(f"expected ir (N, H, W) and vi (N, H, W, 1|3), got {ir.shape} and {vi.shape}")
+        out = []
+        for i, v in zip(ir, vi):
+            fused = self.fuser.fuse(vis=v if v.shape[2] == 3 else v[:, :, 0], ir=i)
+            out.append(fused if fused.ndim == 3 else fused[:, :, None])
+        return np.stack(out)

@@ -1,0 +1,122 @@
+"""Registry handoff against a real MLflow tracking server on 127.0.0.1: register, aliases, the promotion gate,
+and a fresh process that loads ``@champion`` and fuses a real pair exactly as the checkpoint does."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cs2fusion.checkpoint import load_checkpoint, save_checkpoint
+from cs2fusion.fusion import Fuser
+from cs2fusion.io import read_image
+from tests.conftest import DATA, RS40
+from tests.tiny import env
+
+pytestmark = pytest.mark.slow
+NAME = "cs2fusion-test"
+GOOD = {"EN": 7.0, "SD": 40.0, "SF": 12.0, "AG": 4.0, "MI": 3.0, "SCD": 1.3, "VIF": 0.7, "Qabf": 0.5, "SSIM": 0.9}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
+         str(folder / "artifacts"), "--workers", "1"],
+        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
+            time.sleep(1)
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _register(uri: str, checkpoint: Path, evaluation: dict, tmp: Path) -> dict:
+    from pipeline.mlflow_adapter import new_run
+    from pipeline.registry import register
+
+    tracker = new_run(uri, "registry-test", None, "r")
+    model = tmp / f"{tracker.run_id}.safetensors"
+    ckpt = load_checkpoint(checkpoint)
+    save_checkpoint(model, ckpt.backbone, mlflow_run_id=tracker.run_id)
+    return register(tracker, model, name=NAME, evaluation=evaluation, gate_metrics=list(GOOD), min_wins=5,
+                    card="# test card", tags={"mlflow_run_id": tracker.run_id})
+
+
+def test_register_gate_and_fresh_process_load(server: str, published_ckpt: Path, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(server)
+    first = _register(server, published_ckpt, GOOD, tmp_path)
+    assert first["promoted"] and client.get_model_version_by_alias(NAME, "champion").version == first["version"]
+
+    worse = {k: v * 0.9 for k, v in GOOD.items()}
+    worse["EN"] = 8.0  # wins one metric: not enough
+    second = _register(server, published_ckpt, worse, tmp_path)
+    assert not second["promoted"] and second["wins"] == ["EN"]
+    assert client.get_model_version_by_alias(NAME, "champion").version == first["version"]
+    assert client.get_model_version_by_alias(NAME, "challenger").version == second["version"]
+
+    better = {k: v * 1.1 for k, v in GOOD.items()}
+    better["SSIM"] = 0.1
+    third = _register(server, published_ckpt, better, tmp_path)
+    assert third["promoted"] and len(third["wins"]) == 8
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    assert champion.version == third["version"] and champion.description == "# test card"
+    assert json.loads(champion.tags["decision"])["previous_champion"] == first["version"]
+
+    # A fresh process elsewhere, knowing only the server: loads @champion, fuses a colour and a grey pair.
+    pairs = {"colour": (RS40 / "ir" / "1.png", RS40 / "vi" / "1.png"),
+             "grey": (DATA / "tno40" / "ir" / "5.png", DATA / "tno40" / "vi" / "5.png")}
+    script = (
+        "import sys, numpy as np, mlflow.pyfunc\n"
+        "from PIL import Image\n"
+        f"m = mlflow.pyfunc.load_model('models:/{NAME}@champion')\n"
+        "for name, ir_p, vi_p, out in zip(*[iter(sys.argv[1:])] * 4):\n"
+        "    ir = np.asarray(Image.open(ir_p)); vi = np.asarray(Image.open(vi_p))\n"
+        "    vi = vi if vi.ndim == 3 else vi[:, :, None]\n"
+        "    np.save(out, m.predict({'ir': ir[None], 'vi': vi[None]})[0])\n"
+    )
+    args = [str(x) for k, (i, v) in pairs.items() for x in (k, i, v, tmp_path / f"{k}.npy")]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=elsewhere, capture_output=True, text=True,
+                          env={**env(MLFLOW_TRACKING_URI=server), "PYTHONPATH": ""}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fuser = Fuser(load_checkpoint(published_ckpt).backbone)
+    for name, (ir_p, vi_p) in pairs.items():
+        expected = fuser.fuse(vis=read_image(vi_p), ir=read_image(ir_p))
+        got = np.load(tmp_path / f"{name}.npy")
+        assert np.array_equal(got.reshape(expected.shape), expected), name
+
+    # and the CLI takes the same URI
+    src = tmp_path / "one"
+    for kind in ("ir", "vi"):
+        (src / kind).mkdir(parents=True)
+        (src / kind / "1.png").write_bytes((RS40 / kind / "1.png").read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "cs2fusion", "fuse", "--model", f"models:/{NAME}@champion",
+                           "--ir", str(src / "ir"), "--vi", str(src / "vi"), "--out", str(tmp_path / "cli")],
+                          capture_output=True, text=True, env=env(MLFLOW_TRACKING_URI=server), timeout=300,
+                          cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = fuser.fuse(vis=read_image(RS40 / "vi" / "1.png"), ir=read_image(RS40 / "ir" / "1.png"))
+    assert np.array_equal(read_image(tmp_path / "cli" / "1.png"), expected)
