@@ -42,15 +42,20 @@ class FuseOptions:
 class InferenceGraph:
     """The backbone's forward pass rearranged for inference (see the module docstring); same output."""
 
-    def __init__(self, backbone: Backbone, *, channels_last: bool = True) -> None:
+    def __init__(self, backbone: Backbone, *, channels_last: bool = True, dtype: torch.dtype = torch.float32) -> None:
         self.slope = backbone.params.negative_slope
+        self.dtype = dtype
+        low = lambda c: (c.weight.detach().to(dtype), c.bias.detach().to(dtype))  # noqa: E731
+        full = lambda c: (c.weight.detach(), c.bias.detach())  # noqa: E731
+        # In reduced precision the first conv (raw 0–255 input) and the output conv stay fp32: they are cheap
+        # and carry most of the rounding error that would reach the fused grey levels.
         self.encoders = [
-            [(c.weight.detach(), c.bias.detach()) for c in (e.conv1, e.conv2, e.conv3, e.conv4)]
+            [full(e.conv1), *(low(c) for c in (e.conv2, e.conv3, e.conv4))]
             for e in (backbone.encoder_vis, backbone.encoder_ir)
         ]
-        self.decoder = [(c.weight.detach(), c.bias.detach()) for c in backbone.decoder]
-        self.query_w = torch.cat([d.query.weight.detach() for d in backbone.ddm])
-        self.query_b = torch.cat([d.query.bias.detach() for d in backbone.ddm])
+        self.decoder = [*(low(c) for c in list(backbone.decoder)[:3]), full(backbone.decoder[3])]
+        self.query_w = torch.cat([d.query.weight.detach() for d in backbone.ddm]).to(dtype)
+        self.query_b = torch.cat([d.query.bias.detach() for d in backbone.ddm]).to(dtype)
         self.query_split = [d.query.out_channels for d in backbone.ddm]
         self.gates = [(d.gate.weight.detach()[:, :, 1, 1], d.gate.bias.detach()) for d in backbone.ddm]
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -64,7 +69,7 @@ class InferenceGraph:
     def encode(self, x: torch.Tensor, branch: int) -> torch.Tensor:
         """(N, 1, H, W) on 0–255 → stacked features [e4, e3, e2, e1] (N, 64, H, W)."""
         c1, c2, c3, c4 = self.encoders[branch]
-        e1 = self._act(self._conv(x, c1))
+        e1 = self._act(self._conv(x, c1)).to(self.dtype)
         e2 = self._act(self._conv(e1, c2))
         e21 = torch.cat([e2, e1], 1)
         e3 = self._act(self._conv(e21, c3))
@@ -83,7 +88,7 @@ class InferenceGraph:
 
     def gate(self, level: int, pooled_max: torch.Tensor, pooled_mean: torch.Tensor) -> torch.Tensor:
         w, b = self.gates[level]
-        s = torch.sigmoid(F.linear(torch.cat([pooled_max, pooled_mean], 1).to(w.dtype), w, b))
+        s = torch.sigmoid(F.linear(torch.cat([pooled_max, pooled_mean], 1).float(), w, b))
         return s[:, :, None, None]
 
     def decode(self, fc: torch.Tensor, queries: list[torch.Tensor], gates: list[torch.Tensor],
@@ -93,10 +98,10 @@ class InferenceGraph:
         x = fc
         for level in range(upto):
             d = self._act(self._conv(x, self.decoder[level]))
-            s = gates[level] if level < len(gates) else self.gate(level, d.amax((2, 3)), d.mean((2, 3)))
+            s = gates[level] if level < len(gates) else self.gate(level, d.amax((2, 3)), d.float().mean((2, 3)))
             x = d + s.to(d.dtype) * queries[level]
         if upto == 3:
-            return self._conv(x, self.decoder[3])
+            return self._conv(x.float(), self.decoder[3])
         return self._act(self._conv(x, self.decoder[upto]))
 
     def __call__(self, vis_y: torch.Tensor, ir: torch.Tensor) -> torch.Tensor:
@@ -149,10 +154,12 @@ class Fuser:
         self.options = options
         self.backbone = backbone.to(self.device).eval()
         self.scale = float(backbone.params.input_scale)
-        self.graph = InferenceGraph(self.backbone, channels_last=options.channels_last) if options.fast else None
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[options.precision]
+        self.graph = (InferenceGraph(self.backbone, channels_last=options.channels_last, dtype=dtype)
+                      if options.fast else None)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.options.precision == "fp32":
+        if self.options.precision == "fp32" or self.graph is not None:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.options.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)

@@ -1,0 +1,62 @@
+"""Inference paths on real pairs: fast == plain, exact tiling == whole image, batching, bf16 within ±1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cs2fusion.checkpoint import load_checkpoint
+from cs2fusion.color import rgb_to_grey, to_uint8
+from cs2fusion.fusion import FuseOptions, Fuser
+from cs2fusion.io import read_image
+from tests.conftest import DATA, RS40
+
+
+def _pair(folder: Path, i: str) -> tuple[np.ndarray, np.ndarray]:
+    vi = read_image(folder / "vi" / f"{i}.png")
+    y = rgb_to_grey(vi) if vi.ndim == 3 else vi.astype(np.float32)
+    return y, read_image(folder / "ir" / f"{i}.png").astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def backbone(published_ckpt: Path):
+    return load_checkpoint(published_ckpt).backbone
+
+
+@pytest.mark.parametrize("folder, i", [(RS40, "3"), (DATA / "tno40", "7")])
+def test_fast_path_equals_plain(backbone, folder: Path, i: str) -> None:
+    y, ir = _pair(folder, i)
+    plain = Fuser(backbone, options=FuseOptions(fast=False)).fuse_y(vis_y=y, ir=ir)
+    fast = Fuser(backbone).fuse_y(vis_y=y, ir=ir)
+    assert np.abs(fast - plain).max() <= 1e-3
+
+
+@pytest.mark.parametrize("tile", [40, 96])
+def test_tiled_equals_whole(backbone, tile: int) -> None:
+    y, ir = _pair(DATA / "tno40", "2")  # 632×496, not a multiple of the tile
+    y, ir = y[:301, :417], ir[:301, :417]  # odd sizes
+    whole = Fuser(backbone).fuse_y(vis_y=y, ir=ir)
+    tiled = Fuser(backbone, options=FuseOptions(tile=tile, max_pixels=0)).fuse_y(vis_y=y, ir=ir)
+    assert whole.shape == tiled.shape == y.shape
+    assert np.abs(tiled - whole).max() <= 1e-3
+
+
+def test_batch_equals_singles(backbone) -> None:
+    a, b = _pair(RS40, "1"), _pair(RS40, "2")
+    h, w = min(a[0].shape[0], b[0].shape[0]), min(a[0].shape[1], b[0].shape[1])
+    crop = lambda p: (p[0][:h, :w], p[1][:h, :w])  # noqa: E731
+    (ya, ia), (yb, ib) = crop(a), crop(b)
+    fuser = Fuser(backbone)
+    batch = fuser.fuse_y_batch([ya, yb], [ia, ib])
+    assert np.abs(batch[0] - fuser.fuse_y(vis_y=ya, ir=ia)).max() <= 1e-3
+    assert np.abs(batch[1] - fuser.fuse_y(vis_y=yb, ir=ib)).max() <= 1e-3
+
+
+@pytest.mark.parametrize("folder, i", [(RS40, "5"), (RS40, "20"), (DATA / "tno40", "11")])
+def test_bf16_within_one_grey_level(backbone, folder: Path, i: str) -> None:
+    y, ir = _pair(folder, i)
+    ref = to_uint8(Fuser(backbone).fuse_y(vis_y=y, ir=ir)).astype(int)
+    low = to_uint8(Fuser(backbone, options=FuseOptions(precision="bf16")).fuse_y(vis_y=y, ir=ir)).astype(int)
+    assert (np.abs(low - ref) <= 1).mean() >= 0.99

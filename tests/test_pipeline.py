@@ -1,0 +1,76 @@
+"""The whole pipeline through real ``dvc repro`` in a temp copy of the project, on a tiny real-data config."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import DATA, REPO, SHARED
+from tests.tiny import TINY, env
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def _run(cwd: Path, *cmd: str, with_stderr: bool = True) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + (proc.stderr if with_stderr else "")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("clone")
+    (root / "shared").symlink_to(SHARED)  # ../shared as in a real checkout
+    dst = root / "project"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dst / rel)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params.update({k: v for k, v in TINY.items()})
+    params["synth"].update({"pairs": 2, "width": 48, "height": 48})
+    params["train"].update({"epochs": 1, "max_steps_per_epoch": 2, "val_set": "tno/test"})
+    params["prepare"]["datasets"][0]["root"] = str(DATA / "tno40")
+    params["evaluate"] = {"primary_set": "tno/test", "report_samples": 2}
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc_yaml = (dst / "dvc.yaml").read_text().replace("reports/samples_demo-test.png", "reports/samples_tno-test.png")
+    (dst / "dvc.yaml").write_text(dvc_yaml)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
+        _run(dst, *cmd)
+    return dst
+
+
+def test_dvc_repro_end_to_end(project: Path) -> None:
+    out = _run(project, "dvc", "repro")
+    for stage in ("synth", "prepare", "shard", "train", "fuse", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in out, stage
+    evaluation = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert set(evaluation["sets"]["tno/test"]) == {"ours", "published", "mean", "max"}
+    assert len(list((project / "fused" / "ours" / "tno-test").glob("*.png"))) == 20
+    assert json.loads((project / "metrics" / "register.json").read_text())["promoted"] is True
+
+    again = _run(project, "dvc", "repro")
+    assert "Running stage" not in again  # nothing to do
+
+    shown = _run(project, "dvc", "metrics", "show")
+    assert "tno/test" in shown or "tno" in shown
+    _run(project, "dvc", "plots", "show", "-o", "dvc_plots")
+    assert (project / "dvc_plots" / "index.html").is_file()
+
+    # changing a training parameter reruns train and what follows, nothing before it
+    exp = _run(project, "dvc", "exp", "run", "-S", "train.seed=1")
+    assert "Running stage 'train'" in exp and "Running stage 'register'" in exp
+    for stage in ("synth", "prepare", "shard"):
+        assert f"Running stage '{stage}'" not in exp, stage
+    rows = list(csv.DictReader(io.StringIO(_run(project, "dvc", "exp", "show", "--csv", with_stderr=False))))
+    assert sorted({row["train.seed"] for row in rows}) == ["0", "1"]  # the baseline and the experiment
