@@ -1,0 +1,86 @@
+"""Typed params, checkpoint metadata, and the library's independence from Ray / MLflow / DVC."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cs2fusion.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from cs2fusion.config import ModelParams, ParamsError, load_params
+from cs2fusion.io import InputError
+from cs2fusion.model import Backbone, CompensationPerceptionNetwork
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "presets/roadscene/params.yaml"])
+def test_shipped_params_load(path: str) -> None:
+    params = load_params(REPO / path)
+    assert params.train.lr_backbone == 2e-3 and params.train.lr_cpn == 2e-4 and params.model.input_scale == 255
+
+
+def test_params_reject_unknown_keys_and_wrong_types(tmp_path: Path) -> None:
+    bad = tmp_path / "p.yaml"
+    bad.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ParamsError, match="unknown key"):
+        load_params(bad)
+    bad.write_text("train:\n  epochs: three\n")
+    with pytest.raises(ParamsError, match="train.epochs"):
+        load_params(bad)
+    bad.write_text("model:\n  norm_scope: global\n")
+    with pytest.raises(ParamsError, match="norm_scope"):
+        load_params(bad)
+
+
+def test_checkpoint_round_trip_with_metadata(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    params = ModelParams(norm_scope="batch")
+    net, cpn = Backbone(params), CompensationPerceptionNetwork(params)
+    meta = save_checkpoint(tmp_path / "m.safetensors", net, cpn, epoch=3)
+    assert meta["branch_order"]["encoder_vis"].startswith("visible") and meta["epoch"] == 3
+    loaded = load_checkpoint(tmp_path / "m.safetensors", with_cpn=True)
+    assert loaded.backbone.params == params and loaded.meta == read_meta(tmp_path / "m.safetensors")
+    for a, b in zip(net.state_dict().values(), loaded.backbone.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(cpn.state_dict().values(), loaded.cpn.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_with_foreign_metadata_is_refused(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "m.safetensors", Backbone())
+    tensors = load_file(str(tmp_path / "m.safetensors"))
+    meta = read_meta(tmp_path / "m.safetensors")
+    meta["branch_order"] = {"encoder_vis": "infrared", "encoder_ir": "visible"}
+    save_file(tensors, str(tmp_path / "swapped.safetensors"), metadata={"cs2fusion": json.dumps(meta)})
+    with pytest.raises(InputError, match="branch_order"):
+        load_checkpoint(tmp_path / "swapped.safetensors")
+    save_file(tensors, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(InputError, match="without cs2fusion metadata"):
+        load_checkpoint(tmp_path / "bare.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="junk.safetensors"):
+        load_checkpoint(tmp_path / "junk.safetensors")
+
+
+def test_library_imports_without_ray_mlflow_dvc() -> None:
+    script = """
+import importlib, pkgutil, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'ray', 'mlflow', 'dvc'}:
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import cs2fusion
+names = [m.name for m in pkgutil.walk_packages(cs2fusion.__path__, 'cs2fusion.') if m.name != 'cs2fusion.__main__']
+for name in names:
+    importlib.import_module(name)
+print(len(names))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) >= 15
