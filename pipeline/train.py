@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cs2fusion.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from cs2fusion.checkpoint import load_checkpoint, save_checkpoint
 from cs2fusion.config import Params, build, to_dict
 from cs2fusion.data.manifest import sha256_file
 from cs2fusion.data.shards import TrainShards, iter_eval, read_index, set_files, steps_per_epoch
@@ -37,11 +37,10 @@ def _init_nets(params: Params) -> tuple[Backbone, CompensationPerceptionNetwork]
     torch.manual_seed(params.train.seed)
     backbone, cpn = Backbone(params.model), CompensationPerceptionNetwork(params.model)
     if params.train.init_from:
-        has_cpn = bool(read_meta(params.train.init_from).get("has_cpn"))
-        ckpt = load_checkpoint(params.train.init_from, with_cpn=has_cpn)
+        ckpt = load_checkpoint(params.train.init_from, with_cpn=False)
         backbone.load_state_dict(ckpt.backbone.state_dict())
-        if ckpt.cpn is not None:
-            cpn.load_state_dict(ckpt.cpn.state_dict())
+        if ckpt.meta.get("has_cpn"):
+            cpn.load_state_dict(load_checkpoint(params.train.init_from, with_cpn=True).cpn.state_dict())
     return backbone, cpn
 
 
