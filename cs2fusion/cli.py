@@ -9,6 +9,7 @@ import typer
 from tqdm import tqdm
 
 from cs2fusion.io import InputError
+from cs2fusion.pretrained import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 log = logging.getLogger("cs2fusion")
@@ -38,7 +39,10 @@ def _resolve_model(model: str) -> Path:
 
 @app.command()
 def fuse(
-    model: str = typer.Option(..., help="Checkpoint (.safetensors) or registry URI models:/<name>@<alias>."),
+    model: str = typer.Option(
+        str(DEFAULT_MODEL), help="Checkpoint (.safetensors) or registry URI models:/<name>@<alias>; default: the "
+        "shipped model trained on RoadScene (cs2fusion/pretrained/MODEL_CARD.md)."
+    ),
     ir: Path = typer.Option(..., help="Folder of infrared images (<id>.png|jpg|bmp|tif)."),
     vi: Path = typer.Option(..., help="Folder of visible images with the same ids."),
     out: Path = typer.Option(..., help="Output folder; writes <id>.png."),

@@ -105,3 +105,16 @@ def test_missing_model_is_one_line(tmp_path: Path) -> None:
     result = _fuse(tmp_path / "nope.safetensors", ir, vi, tmp_path / "out")
     assert result.exit_code != 0
     assert "nope.safetensors" in result.output
+
+
+def test_default_model_is_shipped_with_a_card(tmp_path: Path) -> None:
+    from cs2fusion.checkpoint import read_meta
+    from cs2fusion.pretrained import DEFAULT_MODEL, MODEL_CARD
+
+    meta = read_meta(DEFAULT_MODEL)
+    assert meta["source"].startswith("cs2fusion") and meta["mlflow_run_id"] and not meta["has_cpn"]
+    assert DEFAULT_MODEL.stat().st_size < 1_500_000 and "RoadScene" in MODEL_CARD.read_text()
+    ir, vi = _copy_pairs(tmp_path, ["1"])
+    result = CliRunner().invoke(app, ["fuse", "--ir", str(ir), "--vi", str(vi), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert read_image(tmp_path / "out" / "1.png").shape == read_image(vi / "1.png").shape

@@ -105,3 +105,19 @@ def test_training_on_a_separately_started_head(shards: Path, tmp_path: Path) -> 
         except subprocess.TimeoutExpired:
             head.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_stopped_run_resumes_on_request(shards: Path, tmp_path: Path) -> None:
+    write_params(tmp_path, train={"max_failures": 0})
+    marker = tmp_path / "failed_once"
+    with pytest.raises(AssertionError, match="pipeline.train failed"):
+        _train(tmp_path, shards, CS2FUSION_FAIL_AT_STEP="5", CS2FUSION_FAIL_MARKER=str(marker))
+    run_id = (tmp_path / "runs" / "train" / "mlflow_run_id").read_text().strip()
+    assert _client(tmp_path).get_run(run_id).info.status == "FAILED"
+    stage(tmp_path, "train", "--shards", str(shards), "--out", "models/model.safetensors", "--metrics",
+          "metrics/train.json", "--resume")
+    final = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert final["mlflow_run_id"] == run_id and final["epoch"] == 3 and final["step"] == 9
+    client = _client(tmp_path)
+    assert [m.value for m in client.get_metric_history(run_id, "resume/from_epoch")] == [1.0]
+    assert client.get_run(run_id).info.status == "FINISHED"
