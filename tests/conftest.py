@@ -34,6 +34,20 @@ def published_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def published_fused_rs40(published_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``cs2fusion fuse`` with the imported published weights over the paper's 40 RoadScene test pairs."""
+    from typer.testing import CliRunner
+
+    from cs2fusion.cli import app
+
+    out = tmp_path_factory.mktemp("published_fused")
+    result = CliRunner().invoke(app, ["fuse", "--model", str(published_ckpt), "--ir", str(RS40 / "ir"),
+                                      "--vi", str(RS40 / "vi"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
 @pytest.fixture()
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
