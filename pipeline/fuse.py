@@ -47,9 +47,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     args = p.parse_args()
     params = setup(args)
-    sets = [name for name, s in read_index(args.shards)["sets"].items() if s["kind"] == "eval"]
-    with atomic_dir(args.out) as tmp:
-        jobs = [(spec, set_files(args.shards, name), tmp / method / set_prefix(name))
+    shards, out = args.shards.resolve(), args.out.resolve()  # Ray workers do not share this working folder
+    sets = [name for name, s in read_index(shards)["sets"].items() if s["kind"] == "eval"]
+    with atomic_dir(out) as tmp:
+        jobs = [(spec, set_files(shards, name), tmp / method / set_prefix(name))
                 for method, spec in methods(args.model, params.fuse).items() for name in sets]
         if os.environ.get("RAY_ADDRESS"):
             _on_ray(jobs, params.fuse)

@@ -76,7 +76,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_training_on_a_separately_started_head(shards: Path, tmp_path: Path) -> None:
+def test_training_and_fusing_on_a_separately_started_head(shards: Path, tmp_path: Path) -> None:
     port = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     ray_bin = Path(sys.executable).parent / "ray"
@@ -98,6 +98,18 @@ def test_training_on_a_separately_started_head(shards: Path, tmp_path: Path) -> 
         assert final["epoch"] == 1
         logs = list((Path(temp_dir) / "session_latest" / "logs").glob("worker-*.out"))
         assert any("RayTrainWorker" in p.read_text(errors="ignore") for p in logs)  # the head ran the workers
+
+        # the fuse stage on the attached cluster (a Ray task per shard) writes what the local run writes
+        write_params(tmp_path, train={"epochs": 1}, fuse={"published": ""})
+        fuse = ("fuse", "--model", "models/model.safetensors", "--shards", str(shards))
+        stage(tmp_path, *fuse, "--out", "fused_local")
+        on_ray = stage(tmp_path, *fuse, "--out", "fused_ray", RAY_ADDRESS=f"127.0.0.1:{port}")
+        assert "on the Ray cluster" in on_ray.stderr
+        local = sorted(p.relative_to(tmp_path / "fused_local") for p in (tmp_path / "fused_local").rglob("*.png"))
+        remote = sorted(p.relative_to(tmp_path / "fused_ray") for p in (tmp_path / "fused_ray").rglob("*.png"))
+        assert local == remote and len(local) == 20
+        for rel in local:
+            assert (tmp_path / "fused_local" / rel).read_bytes() == (tmp_path / "fused_ray" / rel).read_bytes(), rel
     finally:
         head.terminate()
         try:
