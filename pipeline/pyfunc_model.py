@@ -1,5 +1,7 @@
 """The MLflow pyfunc wrapper: a cs2fusion checkpoint as an artifact, with our own pre/post-processing.
 
+Logged as "model from code" (this file, not a pickled object), so loading a registry version never unpickles.
+
 Input: ``{"ir": uint8 (N, H, W), "vi": uint8 (N, H, W, C)}`` with C = 1 (grey) or 3 (RGB), any H×W;
 output: fused uint8 (N, H, W, C) — colour where the visible image is colour, exactly as ``cs2fusion fuse``.
 """
@@ -37,3 +39,6 @@ class FusionModel(mlflow.pyfunc.PythonModel):
             fused = self.fuser.fuse(vis=v if v.shape[2] == 3 else v[:, :, 0], ir=i)
             out.append(fused if fused.ndim == 3 else fused[:, :, None])
         return np.stack(out)
+
+
+mlflow.models.set_model(FusionModel())

@@ -28,7 +28,7 @@ def model_card(params: Params, meta: dict, evaluation: dict) -> str:
         "Input: IR (grey) and visible (grey or RGB) uint8 arrays of any size; output: fused uint8, colour from the",
         "visible image's Cb/Cr (BT.601 full range).",
         "",
-        f"- training data: shard index sha256 `{meta.get('shards_sha256')}` (sets {params.shard.train})",
+        f"- training data: shard index sha256 `{meta.get('shards_sha256')}` (sets {', '.join(params.shard.train)})",
         f"- trained: {meta.get('epoch')} epochs, {meta.get('step')} steps; MLflow run `{meta.get('mlflow_run_id')}`",
         f"- code: git commit `{meta.get('git_commit')}`",
         f"- params: `{json.dumps(train, sort_keys=True)}`",

@@ -22,17 +22,17 @@ def log_pyfunc(tracker: Tracker, checkpoint: Path, name: str) -> str:
     """Logs the pyfunc model into the run and registers it; returns the new version."""
     import mlflow
 
-    from pipeline.pyfunc_model import SIGNATURE, FusionModel
+    from pipeline import pyfunc_model
 
     mlflow.set_tracking_uri(tracker.uri)
     example = {"ir": np.zeros((1, 16, 16), np.uint8), "vi": np.zeros((1, 16, 16, 3), np.uint8)}
     with mlflow.start_run(run_id=tracker.run_id):
         info = mlflow.pyfunc.log_model(
             name="pyfunc",
-            python_model=FusionModel(),
+            python_model=pyfunc_model.__file__,  # model from code: nothing is pickled
             artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
             code_paths=[str(REPO / "cs2fusion"), str(REPO / "pipeline")],
-            signature=SIGNATURE,
+            signature=pyfunc_model.SIGNATURE,
             input_example=example,
             registered_model_name=name,
         )

@@ -84,6 +84,14 @@ def test_register_gate_and_fresh_process_load(server: str, published_ckpt: Path,
     assert champion.version == third["version"] and champion.description == "# test card"
     assert json.loads(champion.tags["decision"])["previous_champion"] == first["version"]
 
+    # The version is a model from code: its files hold our source and the checkpoint, no pickle to load.
+    import mlflow
+
+    files = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", tracking_uri=server, registry_uri=server,
+                                                     dst_path=str(tmp_path / "downloaded")))
+    stored = {p.relative_to(files).as_posix() for p in files.rglob("*") if p.is_file()}
+    assert "pyfunc_model.py" in stored and not [p for p in stored if p.endswith((".pkl", ".pickle"))], stored
+
     # A fresh process elsewhere, knowing only the server: loads @champion, fuses a colour and a grey pair.
     pairs = {"colour": (RS40 / "ir" / "1.png", RS40 / "vi" / "1.png"),
              "grey": (DATA / "tno40" / "ir" / "5.png", DATA / "tno40" / "vi" / "5.png")}
