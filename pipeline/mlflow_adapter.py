@@ -6,10 +6,11 @@ refuses new runs in MLflow 3). ``MLFLOW_TRACKING_URI`` or ``tracking.uri`` point
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -23,6 +24,25 @@ from cs2fusion.config import TrackingParams, flatten  # noqa: E402
 def tracking_uri(params: TrackingParams, root: Path) -> str:
     """Env ``MLFLOW_TRACKING_URI`` > ``tracking.uri`` > the embedded local store under ``root``."""
     return os.environ.get("MLFLOW_TRACKING_URI") or params.uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+@contextlib.contextmanager
+def fluent_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``mlflow.start_run``, ``log_model``) on ``uri`` for the block only.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` to this process's environment, which every
+    later child process would inherit; the previous URI and environment come back afterwards.
+    """
+    saved_env, saved_uri = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def artifact_location(params: TrackingParams, root: Path) -> str | None:

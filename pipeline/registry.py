@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.mlflow_adapter import Tracker
+from pipeline.mlflow_adapter import Tracker, fluent_uri
 
 log = logging.getLogger(__name__)
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -24,9 +24,8 @@ def log_pyfunc(tracker: Tracker, checkpoint: Path, name: str) -> str:
 
     from pipeline import pyfunc_model
 
-    mlflow.set_tracking_uri(tracker.uri)
     example = {"ir": np.zeros((1, 16, 16), np.uint8), "vi": np.zeros((1, 16, 16, 3), np.uint8)}
-    with mlflow.start_run(run_id=tracker.run_id):
+    with fluent_uri(tracker.uri), mlflow.start_run(run_id=tracker.run_id):
         info = mlflow.pyfunc.log_model(
             name="pyfunc",
             python_model=pyfunc_model.__file__,  # model from code: nothing is pickled

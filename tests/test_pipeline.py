@@ -36,7 +36,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, dst / rel)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params.update({k: v for k, v in TINY.items()})
+    for section, values in TINY.items():  # merged, so every key stays settable with `dvc exp run -S`
+        params[section] = {**params.get(section, {}), **values}
     params["synth"].update({"pairs": 2, "width": 48, "height": 48})
     params["train"].update({"epochs": 1, "max_steps_per_epoch": 2, "val_set": "tno/test"})
     params["prepare"]["datasets"][0]["root"] = str(DATA / "tno40")

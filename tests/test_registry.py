@@ -4,6 +4,7 @@ and a fresh process that loads ``@champion`` and fuses a real pair exactly as th
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -66,7 +67,9 @@ def test_register_gate_and_fresh_process_load(server: str, published_ckpt: Path,
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(server)
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     first = _register(server, published_ckpt, GOOD, tmp_path)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before  # no tracking URI leaks to later child processes
     assert first["promoted"] and client.get_model_version_by_alias(NAME, "champion").version == first["version"]
 
     worse = {k: v * 0.9 for k, v in GOOD.items()}
@@ -87,8 +90,11 @@ def test_register_gate_and_fresh_process_load(server: str, published_ckpt: Path,
     # The version is a model from code: its files hold our source and the checkpoint, no pickle to load.
     import mlflow
 
-    files = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", tracking_uri=server, registry_uri=server,
-                                                     dst_path=str(tmp_path / "downloaded")))
+    from pipeline.mlflow_adapter import fluent_uri
+
+    with fluent_uri(server):  # models:/ URIs resolve through the process's registry URI
+        files = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion",
+                                                         dst_path=str(tmp_path / "downloaded")))
     stored = {p.relative_to(files).as_posix() for p in files.rglob("*") if p.is_file()}
     assert "pyfunc_model.py" in stored and not [p for p in stored if p.endswith((".pkl", ".pickle"))], stored
 

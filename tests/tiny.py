@@ -34,7 +34,7 @@ def write_params(folder: Path, **sections: dict[str, Any]) -> Path:
 
 def env(**extra: str) -> dict[str, str]:
     """The environment for stage subprocesses (quiet, offline, the repo importable)."""
-    out = dict(os.environ)
+    out = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # each test names its own store
     out.update({"RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
                 "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"})
     out.update(extra)
