@@ -57,7 +57,7 @@ def test_dvc_repro_end_to_end(project: Path) -> None:
         assert f"Running stage '{stage}'" in out, stage
     evaluation = json.loads((project / "metrics" / "evaluate.json").read_text())
     assert set(evaluation["sets"]["tno/test"]) == {"ours", "published", "mean", "max"}
-    assert len(list((project / "fused" / "ours" / "tno-test").glob("*.png"))) == 20
+    assert len(list((project / "fused" / "ours" / "tno-test").glob("*.png"))) == 10
     assert json.loads((project / "metrics" / "register.json").read_text())["promoted"] is True
 
     again = _run(project, "dvc", "repro")

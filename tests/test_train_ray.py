@@ -107,7 +107,7 @@ def test_training_and_fusing_on_a_separately_started_head(shards: Path, tmp_path
         assert "on the Ray cluster" in on_ray.stderr
         local = sorted(p.relative_to(tmp_path / "fused_local") for p in (tmp_path / "fused_local").rglob("*.png"))
         remote = sorted(p.relative_to(tmp_path / "fused_ray") for p in (tmp_path / "fused_ray").rglob("*.png"))
-        assert local == remote and len(local) == 20
+        assert local == remote and len(local) == 10
         for rel in local:
             assert (tmp_path / "fused_local" / rel).read_bytes() == (tmp_path / "fused_ray" / rel).read_bytes(), rel
     finally:
