@@ -33,7 +33,7 @@ def main() -> None:
     provenance = {k: ckpt.meta[k] for k in PROVENANCE if k in ckpt.meta}
     save_checkpoint(args.out, ckpt.backbone, None, **provenance, shipped_from=str(args.model))
     evaluation = json.loads(args.evaluation.read_text())
-    card = model_card(params, {**ckpt.meta, **provenance}, evaluation).rstrip() + "\n\n" + args.notes.read_text()
+    card = model_card(params, ckpt.meta, evaluation).rstrip() + "\n\n" + args.notes.read_text()
     write_text(args.card, card)
     log.info("shipped %s (%d bytes) and %s", args.out, args.out.stat().st_size, args.card)
 
