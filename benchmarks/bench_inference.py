@@ -3,11 +3,15 @@
 Straightforward = the model's own forward: eager PyTorch, NCHW, fp32, 0–1 inputs scaled inside. Reports fused
 megapixels per second on the 40 RoadScene test pairs and a 640×480 synthetic pair, the speed-up, achieved
 GFLOP/s and a matrix-product peak measured in this run.  Run: python -m benchmarks.bench_inference
+
+``--no-mmap`` first tells glibc never to hand large blocks back to the kernel (process-wide), which shows how
+much of the straightforward path's time is page-faulting fresh memory (the fast path reuses one buffer).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +48,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pairs", type=int, default=40, help="how many of the 40 RoadScene pairs")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--no-mmap", action="store_true", help="glibc: no mmap, no trimming (allocator comparison)")
     args = p.parse_args()
+    if args.no_mmap:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: serve every block from the heap
+        libc.mallopt(-1, 2**62)  # M_TRIM_THRESHOLD: never return freed heap memory
     torch.set_num_threads(args.threads)
     backbone = published_backbone()
     folder = DATA / "cs2fusion_roadscene40"
@@ -55,7 +64,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     synthetic = [(rng.uniform(0, 255, (480, 640)).astype(np.float32), rng.uniform(0, 255, (480, 640)).astype(np.float32))]
     paths = {
-        "straightforward fp32": FuseOptions(fast=False, channels_last=False),
+        "straightforward fp32": FuseOptions(fast=False),
         "fast fp32": FuseOptions(),
         "fast bf16": FuseOptions(precision="bf16"),
     }
@@ -70,7 +79,8 @@ def main() -> None:
             base.setdefault(label, t)
             rows.append({"images": label, "path": name, "seconds": t, "Mpx/s": mpix / t,
                          "speedup": base[label] / t, "GFLOP/s": fpp * mpix * 1e6 / t / 1e9})
-    report(f"inference, {args.threads} threads; {fpp / 1e6:.3f} MFLOP per pixel (pair); matmul peak "
+    allocator = ", glibc no-mmap" if args.no_mmap else ""
+    report(f"inference, {args.threads} threads{allocator}; {fpp / 1e6:.3f} MFLOP per pixel (pair); matmul peak "
            f"fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s", rows, args.json)
 
 

@@ -4,17 +4,22 @@ The network fuses luminance only; a colour visible image gives its Cb/Cr back to
 range), a grey one gives a grey output. Output pixels are clipped and truncated to uint8 as the release does.
 
 Fast path (:class:`InferenceGraph`): the same arithmetic as :class:`~cs2fusion.model.Backbone` in inference
-form — 0–255 inputs without the scale round trip, the three DDM query convolutions (which only depend on the
-encoders) merged into one convolution over both branches at once, channels-last tensors, no autograd, and
-optional bf16 autocast. Tiled path: the DDM gates pool over the whole image, so tiles are run in four passes
-(three to collect the exact global max/mean of each gated decoder layer, one to produce the output), each tile
-with an 8-pixel halo (the receptive field), so the result equals the whole-image one with bounded memory.
+form. Every activation lives in channels-last views of one reused buffer (an arena), and on CPU each conv writes
+into its view through oneDNN's in-place sum post-op, so a forward pass neither allocates nor page-faults fresh
+memory (the straightforward path spends about 40 % of a 640×480 pair on that). A DDM gate is a positive scalar,
+so it is folded into its query conv's weights (LeakyReLU is positively homogeneous); both branches' queries run
+as one batch-of-two conv; the one-channel first conv is a matrix product; pooling reduces flat views. bf16 keeps
+the first conv (raw 0–255 input) and the output conv in fp32. Tiled path: the DDM gates pool over the whole
+image, so tiles are run in four passes (three to collect the exact global max/mean of each gated decoder layer,
+one to produce the output), each tile with an 8-pixel halo (the receptive field), so the result equals the
+whole-image one with bounded memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Iterator, Literal
 
 import numpy as np
@@ -26,6 +31,7 @@ from cs2fusion.io import InputError
 from cs2fusion.model import Backbone
 
 HALO = 8  # receptive-field radius of the output: 4 encoder convs + 4 decoder convs, all 3×3
+CL = torch.channels_last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,91 +42,202 @@ class FuseOptions:
     fast: bool = True
     tile: int = 512
     max_pixels: int = 4_000_000
-    channels_last: bool = True
+
+
+@functools.cache
+def _onednn_inplace_conv(dtype: torch.dtype) -> bool:
+    """Whether this torch build has oneDNN's in-place conv (``out += conv(x)``) for ``dtype``, checked on a
+    tiny conv against F.conv2d (it is an internal op, so the fast path falls back to F.conv2d without it)."""
+    try:
+        x = torch.arange(2 * 5 * 6, dtype=torch.float32).view(1, 2, 5, 6).contiguous(memory_format=CL) / 60
+        w = torch.linspace(-1, 1, 3 * 2 * 9).view(3, 2, 3, 3)
+        out = torch.zeros(1, 3, 5, 6).contiguous(memory_format=CL).to(dtype)
+        torch.ops.mkldnn._convolution_pointwise_.binary(
+            out, x.to(dtype), w.to(dtype), None, [1, 1], [1, 1], [1, 1], 1, "add", None, None, [], None)
+        return bool(torch.allclose(out.float(), F.conv2d(x, w, padding=1), atol=0.05))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class _Arena:
+    """A flat buffer that grows to the largest image seen and is handed out as channels-last views."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.flat = torch.empty(0, dtype=dtype, device=device)
+        self.used = 0
+
+    def reset(self, numel: int) -> None:
+        if self.flat.numel() < numel:
+            self.flat = torch.empty(numel, dtype=self.flat.dtype, device=self.flat.device)
+        self.used = 0
+
+    def take_flat(self, numel: int) -> torch.Tensor:
+        if self.used + numel > self.flat.numel():
+            raise RuntimeError("inference arena too small (a budget in InferenceGraph is wrong)")
+        self.used += numel
+        return self.flat[self.used - numel : self.used]
+
+    def take(self, n: int, c: int, h: int, w: int) -> torch.Tensor:
+        return _channels_last_view(self.take_flat(n * c * h * w), n, c, h, w)
+
+
+def _channels_last_view(flat: torch.Tensor, n: int, c: int, h: int, w: int) -> torch.Tensor:
+    """The first n·c·h·w elements of a flat buffer as a channels-last (n, c, h, w) tensor."""
+    return flat[: n * c * h * w].view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def _flat_rows(x: torch.Tensor) -> torch.Tensor:
+    """A channels-last (1, C, H, W) tensor as its (H·W, C) matrix, without a copy."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def pooled_max_sum(x: torch.Tensor, rows: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel max and fp32 sum of a channels-last (1, C, H, W) tensor → two (1, C) fp32 tensors.
+
+    Reduces row chunks widened to 16 pixels × C columns: much faster than reducing over (2, 3) when C is small
+    or the dtype is bf16, and the fp32 sum stays exact enough for the DDM gates."""
+    c = x.shape[1]
+    maxes, sums = [], []
+    for chunk in _flat_rows(x).split(rows):
+        chunk = chunk.float()
+        if chunk.shape[0] % 16 == 0:
+            chunk = chunk.view(-1, 16 * c)
+        maxes.append(chunk.amax(0).view(-1, c).amax(0))
+        sums.append(chunk.sum(0).view(-1, c).sum(0))
+    return torch.stack(maxes).amax(0, keepdim=True), torch.stack(sums).sum(0, keepdim=True)
 
 
 class InferenceGraph:
-    """The backbone's forward pass rearranged for inference (see the module docstring); same output."""
+    """The backbone's forward pass rearranged for inference (see the module docstring); same output.
 
-    def __init__(self, backbone: Backbone, *, channels_last: bool = True, dtype: torch.dtype = torch.float32) -> None:
+    Runs one image at a time (a batch is a loop: on CPU one image already fills the cores). The arena keeps
+    about 23 × 16 channels of the largest image fused so far (450 MB for 640×480 in fp32) between calls.
+    """
+
+    def __init__(self, backbone: Backbone, *, dtype: torch.dtype = torch.float32) -> None:
+        device = next(backbone.parameters()).device
         self.slope = backbone.params.negative_slope
         self.dtype = dtype
-        low = lambda c: (c.weight.detach().to(dtype), c.bias.detach().to(dtype))  # noqa: E731
-        full = lambda c: (c.weight.detach(), c.bias.detach())  # noqa: E731
+        self.onednn = device.type == "cpu" and _onednn_inplace_conv(dtype)
+        c = backbone.params.channels
+        self.c = c
+        # Arena budget in channels: both branches' encoder outputs (2 × 4c), then the larger of the encoder's
+        # scratch (e1 in fp32 and in dtype, e2, e3, e4, [e2, e1], [e3, e2, e1]: 10c) and the decoder's
+        # (d1 4c, the two-branch query 2 × 4c, d2 2c, d3 c: 15c).
+        self.budget = 8 * c + max(10 * c, 15 * c)
+
+        def prep(conv: torch.nn.Conv2d, dt: torch.dtype = dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            return conv.weight.detach().to(dt).contiguous(memory_format=CL), conv.bias.detach().to(dt)
+
         # In reduced precision the first conv (raw 0–255 input) and the output conv stay fp32: they are cheap
         # and carry most of the rounding error that would reach the fused grey levels.
         self.encoders = [
-            [full(e.conv1), *(low(c) for c in (e.conv2, e.conv3, e.conv4))]
+            [prep(e.conv1, torch.float32), *(prep(k) for k in (e.conv2, e.conv3, e.conv4))]
             for e in (backbone.encoder_vis, backbone.encoder_ir)
         ]
-        self.decoder = [*(low(c) for c in list(backbone.decoder)[:3]), full(backbone.decoder[3])]
-        self.query_w = torch.cat([d.query.weight.detach() for d in backbone.ddm]).to(dtype)
-        self.query_b = torch.cat([d.query.bias.detach() for d in backbone.ddm]).to(dtype)
-        self.query_split = [d.query.out_channels for d in backbone.ddm]
+        w1, self.dec1_bias = prep(backbone.decoder[0])
+        enc = w1.shape[1] // 2  # the decoder's first conv reads [F_vis, F_ir]: split it into one conv per branch
+        self.dec1 = (w1[:, :enc].contiguous(memory_format=CL), w1[:, enc:].contiguous(memory_format=CL))
+        self.decoder = [prep(backbone.decoder[1]), prep(backbone.decoder[2]), prep(backbone.decoder[3], torch.float32)]
+        self.queries = [prep(d.query, torch.float32) for d in backbone.ddm]  # scaled by the gate, then cast
         self.gates = [(d.gate.weight.detach()[:, :, 1, 1], d.gate.bias.detach()) for d in backbone.ddm]
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.arenas = {dt: _Arena(dt, device) for dt in {dtype, torch.float32}}
 
-    def _act(self, x: torch.Tensor) -> torch.Tensor:
-        return F.leaky_relu_(x, self.slope)
+    def _conv(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *,
+              accumulate: bool = False, act: bool = True) -> torch.Tensor:
+        """``out`` (+)= conv3x3(x, w) + b, in place, then LeakyReLU if ``act``."""
+        if self.onednn:
+            if not accumulate:
+                out.zero_()
+            torch.ops.mkldnn._convolution_pointwise_.binary(
+                out, x, w, b, [1, 1], [1, 1], [1, 1], 1, "add", None, None, [], None)
+        else:
+            y = F.conv2d(x, w, b, padding=1)
+            out.add_(y) if accumulate else out.copy_(y)
+        return F.leaky_relu_(out, self.slope) if act else out
 
-    def _conv(self, x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return F.conv2d(x, wb[0], wb[1], padding=1)
-
-    def encode(self, x: torch.Tensor, branch: int) -> torch.Tensor:
-        """(N, 1, H, W) on 0–255 → stacked features [e4, e3, e2, e1] (N, 64, H, W)."""
-        c1, c2, c3, c4 = self.encoders[branch]
-        e1 = self._act(self._conv(x, c1)).to(self.dtype)
-        e2 = self._act(self._conv(e1, c2))
-        e21 = torch.cat([e2, e1], 1)
-        e3 = self._act(self._conv(e21, c3))
-        e4 = self._act(self._conv(torch.cat([e3, e21], 1), c4))
-        return torch.cat([e4, e3, e21], 1)
-
-    def features(self, vis_y: torch.Tensor, ir: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Encoder output F_c and the three (ungated) DDM queries Q1..Q3."""
-        vis_y = vis_y.contiguous(memory_format=self.memory_format)
-        ir = ir.contiguous(memory_format=self.memory_format)
-        f_vis, f_ir = self.encode(vis_y, 0), self.encode(ir, 1)
-        q = self._act(F.conv2d(torch.cat([f_vis, f_ir], 0), self.query_w, self.query_b, padding=1))
-        n = vis_y.shape[0]
-        queries = list(torch.split(q[:n] + q[n:], self.query_split, dim=1))
-        return torch.cat([f_vis, f_ir], 1), queries
+    def _encode(self, x: torch.Tensor, branch: int, out: torch.Tensor) -> None:
+        """(1, 1, H, W) on 0–255 → [e4, e3, e2, e1] written into ``out`` (1, 4c, H, W)."""
+        (w1, b1), c2, c3, c4 = self.encoders[branch]
+        arena, c = self.arenas[self.dtype], self.c
+        h, w = x.shape[2:]
+        e1 = self.arenas[torch.float32].take(1, c, h, w)
+        # One input channel: 9 taps × c outputs as a matrix product written straight into e1 (3× faster than
+        # oneDNN here, which reorders a one-channel input).
+        torch.addmm(b1, F.unfold(x, 3, padding=1)[0].t(), w1.reshape(c, 9).t(), out=_flat_rows(e1))
+        F.leaky_relu_(e1, self.slope)
+        if self.dtype != torch.float32:
+            e1 = arena.take(1, c, h, w).copy_(e1)
+        e2 = self._conv(arena.take(1, c, h, w), e1, *c2)
+        e21 = torch.cat([e2, e1], 1, out=arena.take(1, 2 * c, h, w))
+        e3 = self._conv(arena.take(1, c, h, w), e21, *c3)
+        e321 = torch.cat([e3, e21], 1, out=arena.take(1, 3 * c, h, w))
+        e4 = self._conv(arena.take(1, c, h, w), e321, *c4)
+        torch.cat([e4, e321], 1, out=out)
 
     def gate(self, level: int, pooled_max: torch.Tensor, pooled_mean: torch.Tensor) -> torch.Tensor:
+        """DDM gate (1, 1) from the decoder layer's global max and mean (1, C)."""
         w, b = self.gates[level]
-        s = torch.sigmoid(F.linear(torch.cat([pooled_max, pooled_mean], 1).float(), w, b))
-        return s[:, :, None, None]
+        return torch.sigmoid(F.linear(torch.cat([pooled_max, pooled_mean], 1).float(), w, b))
 
-    def decode(self, fc: torch.Tensor, queries: list[torch.Tensor], gates: list[torch.Tensor],
-               upto: int = 3) -> torch.Tensor:
-        """Decoder layers 0..``upto`` with known gates for the levels before ``upto``; gates computed from the
-        (whole) tensor for the others. Returns decoder layer ``upto`` (the fused Y when ``upto`` is 3)."""
-        x = fc
-        for level in range(upto):
-            d = self._act(self._conv(x, self.decoder[level]))
-            s = gates[level] if level < len(gates) else self.gate(level, d.amax((2, 3)), d.float().mean((2, 3)))
-            x = d + s.to(d.dtype) * queries[level]
-        if upto == 3:
-            return self._conv(x.float(), self.decoder[3])
-        return self._act(self._conv(x, self.decoder[upto]))
+    def run(self, vis_y: torch.Tensor, ir: torch.Tensor, gates: list[torch.Tensor], upto: int = 3) -> torch.Tensor:
+        """One image (1, 1, H, W) float on 0–255 → the fused Y (``upto`` 3), or decoder layer ``upto`` (0..2)
+        before its gate, as an arena view valid until the next call. Gates are taken from ``gates`` for the
+        levels it covers and computed from this (whole) image for the others."""
+        h, w = vis_y.shape[2:]
+        c, dt = self.c, self.dtype
+        arena = self.arenas[dt]
+        arena.reset(self.budget * h * w)
+        if dt != torch.float32:
+            self.arenas[torch.float32].reset(c * h * w)
+        feats = arena.take(2, 4 * c, h, w)
+        mark = arena.used
+        for branch, x in enumerate((vis_y, ir)):
+            arena.used = mark  # the encoder's scratch is reused by the second branch, then by the decoder
+            if dt != torch.float32:
+                self.arenas[torch.float32].used = 0
+            self._encode(x.contiguous(), branch, feats[branch : branch + 1])
+        arena.used = mark
+        x = self._conv(arena.take(1, 4 * c, h, w), feats[0:1], self.dec1[0], self.dec1_bias, act=False)
+        x = self._conv(x, feats[1:2], self.dec1[1], None, accumulate=True)
+        query = arena.take_flat(2 * 4 * c * h * w)  # each level's two-branch query, narrower at each level
+        for level in range(3):
+            if level == upto:
+                return x
+            if level < len(gates):
+                s = gates[level]
+            else:
+                pooled_max, pooled_sum = pooled_max_sum(x)
+                s = self.gate(level, pooled_max, pooled_sum / (h * w))
+            qw, qb = self.queries[level]
+            cq = qw.shape[0]
+            q = self._conv(_channels_last_view(query, 2, cq, h, w), feats, (qw * s).to(dt), (qb * s.flatten()).to(dt))
+            x.add_(q[0:1]).add_(q[1:2])
+            if level < 2:
+                wd, bd = self.decoder[level]
+                x = self._conv(arena.take(1, wd.shape[0], h, w), x, wd, bd)
+        w_out, b_out = self.decoder[2]
+        return F.conv2d(x.float(), w_out, b_out, padding=1)
 
     def __call__(self, vis_y: torch.Tensor, ir: torch.Tensor) -> torch.Tensor:
-        """(N, 1, H, W) float on 0–255 → fused Y on 0–255."""
-        fc, queries = self.features(vis_y, ir)
-        return self.decode(fc, queries, [])
+        """(N, 1, H, W) float on 0–255 → fused Y (N, 1, H, W) fp32 on 0–255."""
+        return torch.cat([self.run(vis_y[k : k + 1], ir[k : k + 1], []) for k in range(vis_y.shape[0])])
 
     def tiled(self, vis_y: torch.Tensor, ir: torch.Tensor, tile: int) -> torch.Tensor:
         """Exact tiled inference (four passes over ``tile``×``tile`` tiles with an 8-pixel halo)."""
-        n, _, h, w = vis_y.shape
+        return torch.cat([self._tiled_one(vis_y[k : k + 1], ir[k : k + 1], tile) for k in range(vis_y.shape[0])])
+
+    def _tiled_one(self, vis_y: torch.Tensor, ir: torch.Tensor, tile: int) -> torch.Tensor:
+        _, _, h, w = vis_y.shape
         gates: list[torch.Tensor] = []
+        out = torch.empty((1, 1, h, w), dtype=torch.float32, device=vis_y.device)
         for level in range(4):
             pooled_max = pooled_sum = None
-            out = torch.empty((n, 1, h, w), dtype=torch.float32) if level == 3 else None
             for (t0, t1, l0, l1), (p0, p1, q0, q1) in _tiles(h, w, tile):
-                fc, queries = self.features(vis_y[:, :, p0:p1, q0:q1], ir[:, :, p0:p1, q0:q1])
-                y = self.decode(fc, queries, gates, upto=level)[:, :, t0 - p0 : t1 - p0, l0 - q0 : l1 - q0]
+                y = self.run(vis_y[:, :, p0:p1, q0:q1], ir[:, :, p0:p1, q0:q1], gates, upto=level)
+                y = y[:, :, t0 - p0 : t1 - p0, l0 - q0 : l1 - q0]
                 if level == 3:
-                    out[:, :, t0:t1, l0:l1] = y.float()
+                    out[:, :, t0:t1, l0:l1] = y
                     continue
                 tile_max, tile_sum = y.amax((2, 3)).float(), y.float().sum((2, 3), dtype=torch.float64)
                 pooled_max = tile_max if pooled_max is None else torch.maximum(pooled_max, tile_max)
@@ -155,8 +272,7 @@ class Fuser:
         self.backbone = backbone.to(self.device).eval()
         self.scale = float(backbone.params.input_scale)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[options.precision]
-        self.graph = (InferenceGraph(self.backbone, channels_last=options.channels_last, dtype=dtype)
-                      if options.fast else None)
+        self.graph = InferenceGraph(self.backbone, dtype=dtype) if options.fast else None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.options.precision == "fp32" or self.graph is not None:

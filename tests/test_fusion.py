@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cs2fusion.checkpoint import load_checkpoint
 from cs2fusion.color import rgb_to_grey, to_uint8
-from cs2fusion.fusion import FuseOptions, Fuser
+from cs2fusion.fusion import FuseOptions, Fuser, pooled_max_sum
 from cs2fusion.io import read_image
 from tests.conftest import DATA, RS40
 
@@ -31,6 +32,36 @@ def test_fast_path_equals_plain(backbone, folder: Path, i: str) -> None:
     plain = Fuser(backbone, options=FuseOptions(fast=False)).fuse_y(vis_y=y, ir=ir)
     fast = Fuser(backbone).fuse_y(vis_y=y, ir=ir)
     assert np.abs(fast - plain).max() <= 1e-3
+
+
+@pytest.mark.parametrize("c, h, w, rows", [(16, 37, 29, 64), (32, 8, 8, 16384), (64, 5, 3, 4)])
+def test_pooled_max_sum_equals_direct_reduction(c: int, h: int, w: int, rows: int) -> None:
+    x = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(c))
+    x = x.contiguous(memory_format=torch.channels_last)
+    pooled_max, pooled_sum = pooled_max_sum(x.bfloat16() if c == 32 else x, rows=rows)
+    ref = x.bfloat16().float() if c == 32 else x
+    assert torch.equal(pooled_max, ref.amax((2, 3)))
+    assert torch.allclose(pooled_sum, ref.sum((2, 3)), atol=1e-4)
+
+
+def test_portable_conv_path_equals_plain(backbone) -> None:
+    """The F.conv2d fallback (GPUs, builds without oneDNN's in-place conv) gives the same output."""
+    y, ir = _pair(RS40, "8")
+    plain = Fuser(backbone, options=FuseOptions(fast=False)).fuse_y(vis_y=y, ir=ir)
+    fuser = Fuser(backbone)
+    fuser.graph.onednn = False
+    assert np.abs(fuser.fuse_y(vis_y=y, ir=ir) - plain).max() <= 1e-3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_reused_buffers_do_not_leak_between_images(backbone, precision: str) -> None:
+    """The fast path reuses one buffer across calls: a large image, then a smaller one, equals a fresh fuser."""
+    (ya, ia), (yb, ib) = _pair(DATA / "tno40", "2"), _pair(RS40, "4")
+    options = FuseOptions(precision=precision)
+    fuser = Fuser(backbone, options=options)
+    fuser.fuse_y(vis_y=ya, ir=ia)
+    after = fuser.fuse_y(vis_y=yb, ir=ib)
+    assert np.array_equal(after, Fuser(backbone, options=options).fuse_y(vis_y=yb, ir=ib))
 
 
 @pytest.mark.parametrize("tile", [40, 96])
