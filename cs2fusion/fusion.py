@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import threading
 from typing import Iterator, Literal
 
 import numpy as np
@@ -111,7 +112,8 @@ class InferenceGraph:
     """The backbone's forward pass rearranged for inference (see the module docstring); same output.
 
     Runs one image at a time (a batch is a loop: on CPU one image already fills the cores). The arena keeps
-    about 23 × 16 channels of the largest image fused so far (450 MB for 640×480 in fp32) between calls.
+    about 23 × 16 channels of the largest image fused so far (450 MB for 640×480 in fp32) between calls, and a
+    lock makes concurrent callers (a threaded model server) take turns on it.
     """
 
     def __init__(self, backbone: Backbone, *, dtype: torch.dtype = torch.float32) -> None:
@@ -142,6 +144,7 @@ class InferenceGraph:
         self.queries = [prep(d.query, torch.float32) for d in backbone.ddm]  # scaled by the gate, then cast
         self.gates = [(d.gate.weight.detach()[:, :, 1, 1], d.gate.bias.detach()) for d in backbone.ddm]
         self.arenas = {dt: _Arena(dt, device) for dt in {dtype, torch.float32}}
+        self.lock = threading.Lock()
 
     def _conv(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, *,
               accumulate: bool = False, act: bool = True) -> torch.Tensor:
@@ -180,7 +183,7 @@ class InferenceGraph:
         w, b = self.gates[level]
         return torch.sigmoid(F.linear(torch.cat([pooled_max, pooled_mean], 1).float(), w, b))
 
-    def run(self, vis_y: torch.Tensor, ir: torch.Tensor, gates: list[torch.Tensor], upto: int = 3) -> torch.Tensor:
+    def _run(self, vis_y: torch.Tensor, ir: torch.Tensor, gates: list[torch.Tensor], upto: int = 3) -> torch.Tensor:
         """One image (1, 1, H, W) float on 0–255 → the fused Y (``upto`` 3), or decoder layer ``upto`` (0..2)
         before its gate, as an arena view valid until the next call. Gates are taken from ``gates`` for the
         levels it covers and computed from this (whole) image for the others."""
@@ -221,11 +224,13 @@ class InferenceGraph:
 
     def __call__(self, vis_y: torch.Tensor, ir: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) float on 0–255 → fused Y (N, 1, H, W) fp32 on 0–255."""
-        return torch.cat([self.run(vis_y[k : k + 1], ir[k : k + 1], []) for k in range(vis_y.shape[0])])
+        with self.lock:
+            return torch.cat([self._run(vis_y[k : k + 1], ir[k : k + 1], []) for k in range(vis_y.shape[0])])
 
     def tiled(self, vis_y: torch.Tensor, ir: torch.Tensor, tile: int) -> torch.Tensor:
         """Exact tiled inference (four passes over ``tile``×``tile`` tiles with an 8-pixel halo)."""
-        return torch.cat([self._tiled_one(vis_y[k : k + 1], ir[k : k + 1], tile) for k in range(vis_y.shape[0])])
+        with self.lock:
+            return torch.cat([self._tiled_one(vis_y[k : k + 1], ir[k : k + 1], tile) for k in range(vis_y.shape[0])])
 
     def _tiled_one(self, vis_y: torch.Tensor, ir: torch.Tensor, tile: int) -> torch.Tensor:
         _, _, h, w = vis_y.shape
@@ -234,7 +239,7 @@ class InferenceGraph:
         for level in range(4):
             pooled_max = pooled_sum = None
             for (t0, t1, l0, l1), (p0, p1, q0, q1) in _tiles(h, w, tile):
-                y = self.run(vis_y[:, :, p0:p1, q0:q1], ir[:, :, p0:p1, q0:q1], gates, upto=level)
+                y = self._run(vis_y[:, :, p0:p1, q0:q1], ir[:, :, p0:p1, q0:q1], gates, upto=level)
                 y = y[:, :, t0 - p0 : t1 - p0, l0 - q0 : l1 - q0]
                 if level == 3:
                     out[:, :, t0:t1, l0:l1] = y

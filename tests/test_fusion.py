@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,16 @@ def test_reused_buffers_do_not_leak_between_images(backbone, precision: str) -> 
     fuser.fuse_y(vis_y=ya, ir=ia)
     after = fuser.fuse_y(vis_y=yb, ir=ib)
     assert np.array_equal(after, Fuser(backbone, options=options).fuse_y(vis_y=yb, ir=ib))
+
+
+def test_concurrent_callers_get_their_own_results(backbone) -> None:
+    """One fuser shared by threads (a threaded model server): the reused buffer must not mix their images."""
+    pairs = [_pair(RS40, i) for i in ("6", "7", "9", "10")]
+    fuser = Fuser(backbone)
+    alone = [fuser.fuse_y(vis_y=y, ir=ir) for y, ir in pairs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: fuser.fuse_y(vis_y=p[0], ir=p[1]), pairs))
+    assert all(np.array_equal(a, b) for a, b in zip(alone, together))
 
 
 @pytest.mark.parametrize("tile", [40, 96])
