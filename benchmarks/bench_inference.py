@@ -53,7 +53,7 @@ def main() -> None:
     if args.no_mmap:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-4, 0)  # M_MMAP_MAX: serve every block from the heap
-        libc.mallopt(-1, 2**62)  # M_TRIM_THRESHOLD: never return freed heap memory
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD (a C int): keep up to 2 GiB of freed heap memory
     torch.set_num_threads(args.threads)
     backbone = published_backbone()
     folder = DATA / "cs2fusion_roadscene40"

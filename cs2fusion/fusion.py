@@ -6,7 +6,7 @@ range), a grey one gives a grey output. Output pixels are clipped and truncated 
 Fast path (:class:`InferenceGraph`): the same arithmetic as :class:`~cs2fusion.model.Backbone` in inference
 form. Every activation lives in channels-last views of one reused buffer (an arena), and on CPU each conv writes
 into its view through oneDNN's in-place sum post-op, so a forward pass neither allocates nor page-faults fresh
-memory (the straightforward path spends about 40 % of a 640×480 pair on that). A DDM gate is a positive scalar,
+memory (the straightforward path spends nearly half of a 640×480 pair on that). A DDM gate is a positive scalar,
 so it is folded into its query conv's weights (LeakyReLU is positively homogeneous); both branches' queries run
 as one batch-of-two conv; the one-channel first conv is a matrix product; pooling reduces flat views. bf16 keeps
 the first conv (raw 0–255 input) and the output conv in fp32. Tiled path: the DDM gates pool over the whole
