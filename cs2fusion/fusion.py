@@ -191,14 +191,12 @@ class InferenceGraph:
         c, dt = self.c, self.dtype
         arena = self.arenas[dt]
         arena.reset(self.budget * h * w)
-        if dt != torch.float32:
-            self.arenas[torch.float32].reset(c * h * w)
         feats = arena.take(2, 4 * c, h, w)
         mark = arena.used
         for branch, x in enumerate((vis_y, ir)):
             arena.used = mark  # the encoder's scratch is reused by the second branch, then by the decoder
             if dt != torch.float32:
-                self.arenas[torch.float32].used = 0
+                self.arenas[torch.float32].reset(c * h * w)  # e1 before its cast
             self._encode(x.contiguous(), branch, feats[branch : branch + 1])
         arena.used = mark
         x = self._conv(arena.take(1, 4 * c, h, w), feats[0:1], self.dec1[0], self.dec1_bias, act=False)
