@@ -13,7 +13,6 @@ Run: python -m benchmarks.bench_winograd
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import DATA, best_of, published_backbone, report
 from cs2fusion.color import rgb_to_grey
-from cs2fusion.fusion import _onednn_inplace_conv
+from cs2fusion.fusion import InferenceGraph
 from cs2fusion.io import read_image
 
 CL = torch.channels_last
@@ -34,6 +33,11 @@ G = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
      [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
 AT = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
 STEPS = ("gather", "input transform", "products", "output transform", "bias+act+sum", "scatter")
+
+
+def tile_grid(h: int, w: int) -> tuple[int, int]:
+    """Number of 4×4 output tiles down and across an h×w image."""
+    return -(-h // 4), -(-w // 4)
 
 
 def kron(m: list[list[float]]) -> torch.Tensor:
@@ -68,8 +72,7 @@ class Head:
 
     def __call__(self, padded: torch.Tensor, d1: torch.Tensor, qsum: torch.Tensor) -> None:
         """padded (2, 4·th+2, 4·tw+2, 64) zero-bordered features; d1 (H, W, 64), qsum (H, W, 112) outputs."""
-        h, w = d1.shape[:2]
-        th, tw = -(-h // 4), -(-w // 4)
+        th, tw = tile_grid(*d1.shape[:2])
         rows, cols = self.band
         todo = [(r, min(rows, th - r), c, min(cols, tw - c)) for r in range(0, th, rows) for c in range(0, tw, cols)]
         jobs = [self.pool.submit(self._worker, padded, d1, qsum, todo[k :: self.threads]) for k in range(self.threads)]
@@ -111,32 +114,29 @@ class Head:
         self.steps += np.diff(t)
 
 
-def direct_head(backbone, onednn: bool):
-    """The fast path's way: oneDNN convs writing in place into preallocated channels-last outputs."""
-    w1 = backbone.decoder[0].weight.detach().contiguous(memory_format=CL)
-    half = w1.shape[1] // 2
-    wa, wb = w1[:, :half].contiguous(memory_format=CL), w1[:, half:].contiguous(memory_format=CL)
-    wq = torch.cat([d.query.weight.detach() for d in backbone.ddm]).contiguous(memory_format=CL)
-    bq = torch.cat([d.query.bias.detach() for d in backbone.ddm])
-    b1, slope = backbone.decoder[0].bias.detach(), backbone.params.negative_slope
-
-    def conv(out, x, w, b):
-        if onednn:
-            torch.ops.mkldnn._convolution_pointwise_.binary(
-                out, x, w, b, [1, 1], [1, 1], [1, 1], 1, "add", None, None, [], None)
-        else:
-            out.add_(F.conv2d(x, w, b, padding=1))
+def direct_head(graph: InferenceGraph):
+    """The fast path's way: its own in-place convs (oneDNN where available) into preallocated outputs."""
+    wq = torch.cat([w for w, _ in graph.queries]).contiguous(memory_format=CL)  # ungated: levels 0, 1, 2
+    bq = torch.cat([b for _, b in graph.queries])
 
     def run(feats, d1, q2, qsum):
-        d1.zero_(), q2.zero_()
-        conv(d1, feats[0:1], wa, b1)
-        conv(d1, feats[1:2], wb, None)
-        F.leaky_relu_(d1, slope)
-        conv(q2, feats, wq, bq)
-        F.leaky_relu_(q2, slope)
+        graph._conv(d1, feats[0:1], graph.dec1[0], graph.dec1_bias, act=False)
+        graph._conv(d1, feats[1:2], graph.dec1[1], None, accumulate=True)
+        graph._conv(q2, feats, wq, bq)
         return d1, torch.add(q2[0:1], q2[1:2], out=qsum)
 
     return run
+
+
+def reference_head(backbone, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d1 and the query sum in fp64, straight from the model's convs."""
+    act = lambda t: F.leaky_relu(t, backbone.params.negative_slope)
+    f = feats.double()
+    dec, queries = backbone.decoder[0], [d.query for d in backbone.ddm]
+    d1 = act(F.conv2d(f.reshape(1, -1, *f.shape[2:]), dec.weight.double(), dec.bias.double(), padding=1))
+    wq, bq = torch.cat([q.weight for q in queries]).double(), torch.cat([q.bias for q in queries]).double()
+    q = act(F.conv2d(f, wq, bq, padding=1))
+    return d1, q[0:1] + q[1:2]
 
 
 def max_err(outs: tuple[torch.Tensor, ...], refs: tuple[torch.Tensor, ...]) -> float:
@@ -151,14 +151,13 @@ def compare(backbone, direct, wino: Head, label: str, feats: torch.Tensor) -> li
     macs = convs[0].in_channels * convs[0].out_channels + 2 * sum(k.in_channels * k.out_channels for k in convs[1:])
     flop = 2 * 9 * h * w * macs  # the queries run on both branches
     with torch.inference_mode():
-        f64 = {"dtype": torch.float64}
-        ref = direct_head(copy.deepcopy(backbone).double(), False)(
-            feats.double(), torch.zeros(1, 64, h, w, **f64), torch.zeros(2, 112, h, w, **f64), None)
+        ref = reference_head(backbone, feats)
         fl = feats.contiguous(memory_format=CL)
         d1, q2, qs = (torch.empty(n, k, h, w).contiguous(memory_format=CL) for n, k in ((1, 64), (2, 112), (1, 112)))
         t_direct = best_of(lambda: direct(fl, d1, q2, qs))
         err_direct = max_err(direct(fl, d1, q2, qs), ref)
-        padded = torch.zeros(2, 4 * -(-h // 4) + 2, 4 * -(-w // 4) + 2, c)
+        th, tw = tile_grid(h, w)
+        padded = torch.zeros(2, 4 * th + 2, 4 * tw + 2, c)
         padded[:, 1 : h + 1, 1 : w + 1] = feats.permute(0, 2, 3, 1)
         wd1, wq = torch.empty(h, w, 64), torch.empty(h, w, 112)
         wino.steps[:] = 0
@@ -178,7 +177,7 @@ def features(backbone, vis_y: np.ndarray, ir: np.ndarray) -> torch.Tensor:
     """Both encoders' outputs (2, 64, H, W) on the published weights' 0–255 scale."""
     with torch.inference_mode():
         v, i = (torch.from_numpy(a)[None, None] for a in (vis_y, ir))
-        return torch.cat([backbone.encoder_vis(v).stacked(), backbone.encoder_ir(i).stacked()]).clone()
+        return torch.cat([backbone.encoder_vis(v).stacked(), backbone.encoder_ir(i).stacked()])
 
 
 def main() -> None:
@@ -196,8 +195,7 @@ def main() -> None:
                                     read_image(folder / "ir" / "17.png").astype(np.float32)),
         "640x480 synthetic": tuple(rng.uniform(0, 255, (480, 640)).astype(np.float32) for _ in range(2)),
     }
-    onednn = _onednn_inplace_conv(torch.float32)
-    direct = direct_head(backbone, onednn)
+    direct = direct_head(InferenceGraph(backbone))
     wino = Head(backbone, tuple(args.band))
     rows = []
     for label, (vis_y, ir) in cases.items():
