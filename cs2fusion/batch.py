@@ -33,7 +33,8 @@ def make_fuser(spec: str, params: FuseParams, device: str = "cpu") -> Fuser:
     """The fast-path fuser configured by the ``fuse`` params."""
     if params.threads:
         torch.set_num_threads(params.threads)
-    options = FuseOptions(precision=params.precision, tile=params.tile, max_pixels=params.max_pixels)
+    options = FuseOptions(precision=params.precision, tile=params.tile, max_pixels=params.max_pixels,
+                          winograd=params.winograd)
     return Fuser(load_backbone(spec), device=device, options=options)
 
 

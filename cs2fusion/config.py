@@ -139,12 +139,15 @@ class FuseParams:
 
     ``published``: folder of the release's weights; skipped with a warning when it does not exist (the demo
     quick start runs anywhere). ``tile``/``max_pixels``: exact tiled inference above that many pixels.
+    ``winograd``: the fp32 CPU head as the compiled Winograd kernel (built once per machine; falls back to direct
+    convs where no compiler is found).
     """
 
     published: str = "../shared/reference/cs2fusion-published"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tile: int = 512
     max_pixels: int = 4_000_000
+    winograd: bool = True
     threads: int = 0
 
 

@@ -8,11 +8,13 @@ form. Every activation lives in channels-last views of one reused buffer (an are
 into its view through oneDNN's in-place sum post-op, so a forward pass neither allocates nor page-faults fresh
 memory (the straightforward path spends nearly half of a 640×480 pair on that). A DDM gate is a positive scalar,
 so it is folded into its query conv's weights (LeakyReLU is positively homogeneous); both branches' queries run
-as one batch-of-two conv; the one-channel first conv is a matrix product; pooling reduces flat views. bf16 keeps
-the first conv (raw 0–255 input) and the output conv in fp32. Tiled path: the DDM gates pool over the whole
-image, so tiles are run in four passes (three to collect the exact global max/mean of each gated decoder layer,
-one to produce the output), each tile with an 8-pixel halo (the receptive field), so the result equals the
-whole-image one with bounded memory.
+as one batch-of-two conv; the one-channel first conv is a matrix product; pooling reduces flat views. In fp32 on
+CPU the head (the decoder's first conv and the three query convs, 80 % of the multiplications) runs as one
+Winograd F(4, 3) kernel (:mod:`cs2fusion.winograd`) where it can be built, the gates then scaling the ungated query
+sums. bf16 keeps the first conv (raw 0–255 input) and the output conv in fp32. Tiled path: the DDM gates pool
+over the whole image, so tiles are run in four passes (three to collect the exact global max/mean of each gated
+decoder layer, one to produce the output), each tile with an 8-pixel halo (the receptive field), so the result
+equals the whole-image one with bounded memory.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cs2fusion import kernels
 from cs2fusion.color import rgb_to_ycbcr_bt601_full, to_uint8, ycbcr_to_rgb_bt601_full
 from cs2fusion.io import InputError
 from cs2fusion.model import Backbone
+from cs2fusion.winograd import WinogradHead
 
 HALO = 8  # receptive-field radius of the output: 4 encoder convs + 4 decoder convs, all 3×3
 CL = torch.channels_last
@@ -37,10 +41,12 @@ CL = torch.channels_last
 
 @dataclasses.dataclass(frozen=True)
 class FuseOptions:
-    """How to run inference. ``tile`` > 0 runs exact tiles of that size once an image exceeds ``max_pixels``."""
+    """How to run inference. ``tile`` > 0 runs exact tiles of that size once an image exceeds ``max_pixels``;
+    ``winograd``: the fp32 CPU fast path's head as a compiled Winograd kernel (direct convs where it cannot build)."""
 
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     fast: bool = True
+    winograd: bool = True
     tile: int = 512
     max_pixels: int = 4_000_000
 
@@ -116,7 +122,7 @@ class InferenceGraph:
     lock makes concurrent callers (a threaded model server) take turns on it.
     """
 
-    def __init__(self, backbone: Backbone, *, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, backbone: Backbone, *, dtype: torch.dtype = torch.float32, winograd: bool = True) -> None:
         device = next(backbone.parameters()).device
         self.slope = backbone.params.negative_slope
         self.dtype = dtype
@@ -125,7 +131,8 @@ class InferenceGraph:
         self.c = c
         # Arena budget in channels: both branches' encoder outputs (2 × 4c), then the larger of the encoder's
         # scratch (e1 in fp32 and in dtype, e2, e3, e4, [e2, e1], [e3, e2, e1]: 10c) and the decoder's
-        # (d1 4c, the two-branch query 2 × 4c, d2 2c, d3 c: 15c).
+        # (d1 4c, the two-branch query 2 × 4c, d2 2c, d3 c: 15c; with the Winograd head d1 4c, the three query
+        # sums 7c, d2, d3: 14c).
         self.budget = 8 * c + max(10 * c, 15 * c)
 
         def prep(conv: torch.nn.Conv2d, dt: torch.dtype = dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +150,8 @@ class InferenceGraph:
         self.decoder = [prep(backbone.decoder[1]), prep(backbone.decoder[2]), prep(backbone.decoder[3], torch.float32)]
         self.queries = [prep(d.query, torch.float32) for d in backbone.ddm]  # scaled by the gate, then cast
         self.gates = [(d.gate.weight.detach()[:, :, 1, 1], d.gate.bias.detach()) for d in backbone.ddm]
+        kernel = kernels.winograd_head() if winograd and device.type == "cpu" and dtype == torch.float32 else None
+        self.head = WinogradHead(backbone, kernel) if kernel is not None else None
         self.arenas = {dt: _Arena(dt, device) for dt in {dtype, torch.float32}}
         self.lock = threading.Lock()
 
@@ -199,9 +208,14 @@ class InferenceGraph:
                 self.arenas[torch.float32].reset(c * h * w)  # e1 before its cast
             self._encode(x.contiguous(), branch, feats[branch : branch + 1])
         arena.used = mark
-        x = self._conv(arena.take(1, 4 * c, h, w), feats[0:1], self.dec1[0], self.dec1_bias, act=False)
-        x = self._conv(x, feats[1:2], self.dec1[1], None, accumulate=True)
-        query = arena.take_flat(2 * 4 * c * h * w)  # each level's two-branch query, narrower at each level
+        x = arena.take(1, 4 * c, h, w)
+        if self.head is not None:
+            query_sums = [arena.take(1, qw.shape[0], h, w) for qw, _ in self.queries]
+            self.head(feats, x, query_sums)
+        else:
+            x = self._conv(x, feats[0:1], self.dec1[0], self.dec1_bias, act=False)
+            x = self._conv(x, feats[1:2], self.dec1[1], None, accumulate=True)
+            query = arena.take_flat(2 * 4 * c * h * w)  # each level's two-branch query, narrower at each level
         for level in range(3):
             if level == upto:
                 return x
@@ -210,10 +224,13 @@ class InferenceGraph:
             else:
                 pooled_max, pooled_sum = pooled_max_sum(x)
                 s = self.gate(level, pooled_max, pooled_sum / (h * w))
-            qw, qb = self.queries[level]
-            cq = qw.shape[0]
-            q = self._conv(_channels_last_view(query, 2, cq, h, w), feats, (qw * s).to(dt), (qb * s.flatten()).to(dt))
-            x.add_(q[0:1]).add_(q[1:2])
+            if self.head is not None:
+                x.add_(query_sums[level], alpha=s.item())
+            else:
+                qw, qb = self.queries[level]
+                q = self._conv(_channels_last_view(query, 2, qw.shape[0], h, w), feats, (qw * s).to(dt),
+                               (qb * s.flatten()).to(dt))
+                x.add_(q[0:1]).add_(q[1:2])
             if level < 2:
                 wd, bd = self.decoder[level]
                 x = self._conv(arena.take(1, wd.shape[0], h, w), x, wd, bd)
@@ -275,7 +292,7 @@ class Fuser:
         self.backbone = backbone.to(self.device).eval()
         self.scale = float(backbone.params.input_scale)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[options.precision]
-        self.graph = InferenceGraph(self.backbone, dtype=dtype) if options.fast else None
+        self.graph = InferenceGraph(self.backbone, dtype=dtype, winograd=options.winograd) if options.fast else None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.options.precision == "fp32" or self.graph is not None:

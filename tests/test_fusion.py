@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from cs2fusion import kernels
 from cs2fusion.checkpoint import load_checkpoint
 from cs2fusion.color import rgb_to_grey, to_uint8
 from cs2fusion.fusion import FuseOptions, Fuser, pooled_max_sum
 from cs2fusion.io import read_image
+from cs2fusion.winograd import WinogradHead
 from tests.conftest import DATA, RS40
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel")
 
 
 def _pair(folder: Path, i: str) -> tuple[np.ndarray, np.ndarray]:
@@ -27,12 +33,36 @@ def backbone(published_ckpt: Path):
     return load_checkpoint(published_ckpt).backbone
 
 
-@pytest.mark.parametrize("folder, i", [(RS40, "3"), (DATA / "tno40", "7")])
-def test_fast_path_equals_plain(backbone, folder: Path, i: str) -> None:
+@pytest.mark.parametrize("winograd", [pytest.param(True, marks=needs_compiler), False])
+@pytest.mark.parametrize("folder, i, crop", [(RS40, "3", None), (DATA / "tno40", "7", None),
+                                             (DATA / "tno40", "2", (301, 417))])  # odd sizes: partial 4×4 tiles
+def test_fast_path_equals_plain(backbone, folder: Path, i: str, crop: tuple[int, int] | None, winograd: bool) -> None:
     y, ir = _pair(folder, i)
+    if crop:
+        y, ir = y[: crop[0], : crop[1]], ir[: crop[0], : crop[1]]
     plain = Fuser(backbone, options=FuseOptions(fast=False)).fuse_y(vis_y=y, ir=ir)
-    fast = Fuser(backbone).fuse_y(vis_y=y, ir=ir)
-    assert np.abs(fast - plain).max() <= 1e-3
+    fuser = Fuser(backbone, options=FuseOptions(winograd=winograd))
+    assert (fuser.graph.head is not None) == winograd  # the kernel was built and used, or switched off
+    assert np.abs(fuser.fuse_y(vis_y=y, ir=ir) - plain).max() <= 1e-3
+
+
+@needs_compiler
+@pytest.mark.parametrize("h, w, band_cols", [(37, 53, 3), (8, 4, 32), (1, 6, 1)])
+def test_winograd_head_equals_fp64_convs(backbone, h: int, w: int, band_cols: int) -> None:
+    """The kernel against fp64 convs on features of odd sizes, with bands of a few tiles (borders, band edges)."""
+    feats = 40 * torch.randn(2, 64, h, w, generator=torch.Generator().manual_seed(h)).abs()
+    head = WinogradHead(backbone, kernels.winograd_head(), band_cols=band_cols)
+    d1, *queries = (torch.full((1, c, h, w), np.nan).contiguous(memory_format=torch.channels_last)
+                    for c in (64, *head.query_channels))
+    with torch.inference_mode():
+        head(feats.contiguous(memory_format=torch.channels_last), d1, queries)
+    act = lambda t: F.leaky_relu(t, backbone.params.negative_slope)  # noqa: E731
+    conv = lambda x, m: F.conv2d(x, m.weight.double(), m.bias.double(), padding=1)  # noqa: E731
+    f = feats.double()
+    expected = [act(conv(f.reshape(1, -1, h, w), backbone.decoder[0]))]
+    expected += [act(conv(f, d.query)).sum(0, keepdim=True) for d in backbone.ddm]
+    for got, want in zip((d1, *queries), expected):
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("c, h, w, rows, dtype", [(16, 37, 29, 64, torch.float32), (32, 8, 8, 16384, torch.bfloat16),
