@@ -3,8 +3,8 @@
 Straightforward = the model's own forward: eager PyTorch, NCHW, fp32, 0–1 inputs scaled inside. Reports fused
 megapixels per second on the 40 RoadScene test pairs and a 640×480 synthetic pair, the speed-up, achieved
 GFLOP/s and a matrix-product peak measured in this run. GFLOP/s counts the direct convs' FLOPs, so with the
-Winograd head (4× fewer products there) it is an effective rate and can exceed the peak; "fast fp32 direct" is the
-fast path with direct convs in the head.  Run: python -m benchmarks.bench_inference
+Winograd head (4× fewer products there) it is an effective rate and can exceed the peak; "fast fp32 direct" and
+"fast bf16 direct" are the fast paths with direct convs in the head.  Run: python -m benchmarks.bench_inference
 
 ``--no-mmap`` first tells glibc never to hand large blocks back to the kernel (process-wide), which shows how
 much of the straightforward path's time is page-faulting fresh memory (the fast path reuses one buffer).
@@ -70,6 +70,7 @@ def main() -> None:
         "fast fp32": FuseOptions(),
         "fast fp32 direct": FuseOptions(winograd=False),
         "fast bf16": FuseOptions(precision="bf16"),
+        "fast bf16 direct": FuseOptions(precision="bf16", winograd=False),
     }
     fpp = flops_per_pixel(backbone)
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)

@@ -139,8 +139,8 @@ class FuseParams:
 
     ``published``: folder of the release's weights; skipped with a warning when it does not exist (the demo
     quick start runs anywhere). ``tile``/``max_pixels``: exact tiled inference above that many pixels.
-    ``winograd``: the fp32 CPU head as the compiled Winograd kernel (built once per machine; falls back to direct
-    convs where no compiler is found).
+    ``winograd``: the CPU head (fp32, and bf16 where the CPU has bf16 products) as the compiled Winograd kernel
+    (built once per machine; falls back to direct convs where no compiler is found).
     """
 
     published: str = "../shared/reference/cs2fusion-published"

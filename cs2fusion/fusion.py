@@ -8,10 +8,12 @@ form. Every activation lives in channels-last views of one reused buffer (an are
 into its view through oneDNN's in-place sum post-op, so a forward pass neither allocates nor page-faults fresh
 memory (the straightforward path spends nearly half of a 640×480 pair on that). A DDM gate is a positive scalar,
 so it is folded into its query conv's weights (LeakyReLU is positively homogeneous); both branches' queries run
-as one batch-of-two conv; the one-channel first conv is a matrix product; pooling reduces flat views. In fp32 on
-CPU the head (the decoder's first conv and the three query convs, 80 % of the multiplications) runs as one
-Winograd F(4, 3) kernel (:mod:`cs2fusion.winograd`) where it can be built, the gates then scaling the ungated query
-sums. bf16 keeps the first conv (raw 0–255 input) and the output conv in fp32. Tiled path: the DDM gates pool
+as one batch-of-two conv; the one-channel first conv is a matrix product; pooling reduces flat views. On CPU
+the head (the decoder's first conv and the three query convs, 80 % of the multiplications) runs as one Winograd
+F(4, 3) kernel (:mod:`cs2fusion.winograd`) where it can be built, the gates then scaling the ungated query sums; in
+bf16 it multiplies bf16 operands with fp32 transforms and accumulation (where the CPU has bf16 products). bf16
+keeps the first conv (raw 0–255 input) and the output conv in fp32. Denormals are flushed while the graph runs
+(they slow oneDNN's convs down ten-fold on some CPUs). Tiled path: the DDM gates pool
 over the whole image, so tiles are run in four passes (three to collect the exact global max/mean of each gated
 decoder layer, one to produce the output), each tile with an 8-pixel halo (the receptive field), so the result
 equals the whole-image one with bounded memory.
@@ -37,12 +39,14 @@ from cs2fusion.winograd import WinogradHead
 
 HALO = 8  # receptive-field radius of the output: 4 encoder convs + 4 decoder convs, all 3×3
 CL = torch.channels_last
+_HEAD_DTYPES = (torch.float32, torch.bfloat16)  # the Winograd head's dtypes
 
 
 @dataclasses.dataclass(frozen=True)
 class FuseOptions:
     """How to run inference. ``tile`` > 0 runs exact tiles of that size once an image exceeds ``max_pixels``;
-    ``winograd``: the fp32 CPU fast path's head as a compiled Winograd kernel (direct convs where it cannot build)."""
+    ``winograd``: the CPU fast path's head (fp32, bf16) as a compiled Winograd kernel (direct convs where it cannot
+    build, or for bf16 where the CPU has no bf16 products)."""
 
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     fast: bool = True
@@ -86,6 +90,26 @@ class _Arena:
 
     def take(self, n: int, c: int, h: int, w: int) -> torch.Tensor:
         return _channels_last_view(self.take_flat(n * c * h * w), n, c, h, w)
+
+
+@contextlib.contextmanager
+def _flush_denormals(device: torch.device) -> Iterator[None]:
+    """Denormals as zero on CPU while in scope, restoring the caller's setting: real images produce denormals in
+    the convs, and on some CPUs (measured on Sapphire Rapids) they slow oneDNN's direct convs down ten-fold.
+    Values below 1e-38 do not reach the 0–255 output."""
+    if device.type != "cpu" or _denormals_flushed():
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _denormals_flushed() -> bool:
+    """Whether this thread already treats denormals as zero (torch has no getter for the setting)."""
+    return torch.tensor([1e-40]).mul(1.0).item() == 0.0
 
 
 def _channels_last_view(flat: torch.Tensor, n: int, c: int, h: int, w: int) -> torch.Tensor:
@@ -150,8 +174,10 @@ class InferenceGraph:
         self.decoder = [prep(backbone.decoder[1]), prep(backbone.decoder[2]), prep(backbone.decoder[3], torch.float32)]
         self.queries = [prep(d.query, torch.float32) for d in backbone.ddm]  # scaled by the gate, then cast
         self.gates = [(d.gate.weight.detach()[:, :, 1, 1], d.gate.bias.detach()) for d in backbone.ddm]
-        kernel = kernels.winograd_head() if winograd and device.type == "cpu" and dtype == torch.float32 else None
-        self.head = WinogradHead(backbone, kernel) if kernel is not None else None
+        kernel = kernels.winograd_head() if winograd and device.type == "cpu" and dtype in _HEAD_DTYPES else None
+        if kernel is not None and dtype == torch.bfloat16 and not kernel.bf16_supported():
+            kernel = None  # no bf16 products on this CPU: direct bf16 convs
+        self.head = WinogradHead(backbone, kernel, dtype=dtype) if kernel is not None else None
         self.arenas = {dt: _Arena(dt, device) for dt in {dtype, torch.float32}}
         self.lock = threading.Lock()
 
@@ -239,12 +265,12 @@ class InferenceGraph:
 
     def __call__(self, vis_y: torch.Tensor, ir: torch.Tensor) -> torch.Tensor:
         """(N, 1, H, W) float on 0–255 → fused Y (N, 1, H, W) fp32 on 0–255."""
-        with self.lock:
+        with self.lock, _flush_denormals(vis_y.device):
             return torch.cat([self._run(vis_y[k : k + 1], ir[k : k + 1], []) for k in range(vis_y.shape[0])])
 
     def tiled(self, vis_y: torch.Tensor, ir: torch.Tensor, tile: int) -> torch.Tensor:
         """Exact tiled inference (four passes over ``tile``×``tile`` tiles with an 8-pixel halo)."""
-        with self.lock:
+        with self.lock, _flush_denormals(vis_y.device):
             return torch.cat([self._tiled_one(vis_y[k : k + 1], ir[k : k + 1], tile) for k in range(vis_y.shape[0])])
 
     def _tiled_one(self, vis_y: torch.Tensor, ir: torch.Tensor, tile: int) -> torch.Tensor:

@@ -1,11 +1,17 @@
 // Winograd F(4x4, 3x3) for the inference graph's head: the decoder's first conv and the three DDM query convs,
 // all reading the two encoders' features (Lavin & Gray, 2016). Per band of tiles, on one core: the input transform
-// (Bt d B) of every 6x6 block, one (tiles x 64) @ (64 x 176) product per position and branch (ATen/MKL), and the
-// output transform (At m A) fused with the biases, LeakyReLU and the branch sum, written straight to the outputs.
+// (Bt d B) of every 6x6 block, one (tiles x 64) @ (64 x 176) product per position and branch, and the output
+// transform (At m A) fused with the biases, LeakyReLU and the branch sum, written straight to the outputs.
+// Transforms and accumulation are fp32 whatever the features' type; the products are fp32 (ATen/MKL) or, for bf16,
+// bf16 operands with fp32 accumulation (ATen's brgemm micro-kernel: AMX or AVX-512 BF16).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -63,25 +69,71 @@ struct FlushDenormals {
 
 struct Scratch {
   std::vector<float> v, m;
+  std::vector<at::BFloat16> vb;
 };
+
+// bf16 <-> fp32 on n values, written so the compiler vectorises them (c10's conversions are scalar calls); narrowing
+// rounds to nearest even as c10 does (features are finite, so NaN needs no care).
+inline void widen(const at::BFloat16* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    const uint32_t bits = static_cast<uint32_t>(src[c].x) << 16;
+    std::memcpy(dst + c, &bits, sizeof(bits));
+  }
+}
+
+inline void narrow(const float* src, at::BFloat16* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) {
+    uint32_t bits;
+    std::memcpy(&bits, src + c, sizeof(bits));
+    dst[c].x = static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  }
+}
 
 }  // namespace
 
-// feats (2, H, W, 64) fp32 contiguous; u (72, 64, Ctot) transformed weights, index = position * 2 + branch;
-// outs[0] (H, W, Cd) gets act(dec(F_vis) + dec(F_ir) + bias), outs[k > 0] (H, W, Ck) get
-// act(q(F_vis) + b) + act(q(F_ir) + b) for consecutive channel ranges of the remaining columns of u.
-void winograd_head(const at::Tensor& feats, const at::Tensor& u, const at::Tensor& bias,
-                   std::vector<at::Tensor> outs, double slope_d, int64_t band_cols) {
-  TORCH_CHECK(feats.dim() == 4 && feats.size(0) == 2 && feats.size(3) == CIN && feats.is_contiguous() &&
-              feats.scalar_type() == at::kFloat, "feats must be contiguous fp32 (2, H, W, 64)");
+// Whether this build and CPU run ATen's bf16 brgemm on the head's shapes (bf16 products, fp32 accumulation), checked
+// on a small product against fp32 once per process.
+bool bf16_supported() {
+  static const bool ok = [] {
+    try {
+      if (!at::native::cpublas::could_pack(at::kBFloat16)) return false;
+      constexpr int64_t m = 3, n = 176;
+      auto a = at::arange(m * CIN, at::kFloat).remainder(7).sub(3).view({m, CIN});
+      auto b = at::arange(CIN * n, at::kFloat).remainder(5).sub(2).view({CIN, n});
+      auto packed = b.to(at::kBFloat16).view({CIN / 2, 2, n}).transpose(1, 2).contiguous();  // VNNI pairs
+      auto ab = a.to(at::kBFloat16).contiguous();
+      auto c = at::empty({m, n});
+      at::native::cpublas::brgemm(m, n, CIN, CIN, n, n, false, ab.data_ptr<at::BFloat16>(),
+                                  packed.data_ptr<at::BFloat16>(), c.data_ptr<float>(), true);
+      at::native::cpublas::brgemm_release(true);
+      return at::equal(c, at::mm(a, b));  // small integers: exact in bf16 and fp32
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+// feats (2, H, W, 64) contiguous, fp32 or bf16; u: transformed weights, index = position * 2 + branch, fp32
+// (72, 64, Ctot) or, for bf16 features, bf16 in brgemm's VNNI layout (72, 32, Ctot, 2: pairs of input channels);
+// outs, of the features' dtype: outs[0] (H, W, Cd) gets act(dec(F_vis) + dec(F_ir) + bias), outs[k > 0] (H, W, Ck)
+// get act(q(F_vis) + b) + act(q(F_ir) + b) for consecutive channel ranges of the remaining columns of u; bias fp32.
+template <typename T>
+void head_impl(const at::Tensor& feats, const at::Tensor& u, const at::Tensor& bias,
+               std::vector<at::Tensor>& outs, double slope_d, int64_t band_cols) {
+  constexpr bool low = std::is_same_v<T, at::BFloat16>;
   const int64_t ctot = u.size(2);
-  TORCH_CHECK(u.dim() == 3 && u.size(0) == 2 * P && u.size(1) == CIN && u.is_contiguous(), "u must be (72, 64, C)");
-  TORCH_CHECK(bias.numel() == ctot && bias.is_contiguous(), "bias must have one value per output channel");
+  TORCH_CHECK(u.dim() == 3 + low && u.size(0) == 2 * P && u.size(1) * (1 + low) == CIN && u.is_contiguous() &&
+              u.scalar_type() == feats.scalar_type(), "u must be (72, 64, C) or, bf16, (72, 32, C, 2)");
+  TORCH_CHECK(bias.numel() == ctot && bias.is_contiguous() && bias.scalar_type() == at::kFloat,
+              "bias must be fp32 with one value per output channel");
   const int64_t H = feats.size(1), W = feats.size(2);
   std::vector<int64_t> offsets{0};
   for (const auto& o : outs) {
-    TORCH_CHECK(o.dim() == 3 && o.size(0) == H && o.size(1) == W && o.is_contiguous() && o.scalar_type() == at::kFloat,
-                "outputs must be contiguous fp32 (H, W, C)");
+    TORCH_CHECK(o.dim() == 3 && o.size(0) == H && o.size(1) == W && o.is_contiguous() &&
+                o.scalar_type() == feats.scalar_type(), "outputs must be contiguous (H, W, C) of the features' dtype");
     offsets.push_back(offsets.back() + o.size(2));
   }
   TORCH_CHECK(offsets.back() == ctot, "output channels must add up to u's columns");
@@ -89,19 +141,22 @@ void winograd_head(const at::Tensor& feats, const at::Tensor& u, const at::Tenso
   const int64_t th = (H + 3) / 4, tw = (W + 3) / 4;
   const int64_t per_row = (tw + std::max<int64_t>(1, band_cols) - 1) / std::max<int64_t>(1, band_cols);
   const int64_t bc = (tw + per_row - 1) / per_row;  // equal bands across a row of tiles
-  const float* fp = feats.data_ptr<float>();
+  const T* fp = feats.data_ptr<T>();
   const float* bp = bias.data_ptr<float>();
   const int64_t cdec = offsets[1];
-  std::vector<float*> optr;
-  for (auto& o : outs) optr.push_back(o.data_ptr<float>());
+  std::vector<T*> optr;
+  for (auto& o : outs) optr.push_back(o.data_ptr<T>());
+  const T* up = u.data_ptr<T>();
 
   at::parallel_for(0, th * per_row, 1, [&](int64_t begin, int64_t end) {
     FlushDenormals ftz;
     thread_local Scratch s;
-    s.v.resize(static_cast<size_t>(2 * P * bc * CIN));
+    if constexpr (low) s.vb.resize(static_cast<size_t>(2 * P * bc * CIN));
+    else s.v.resize(static_cast<size_t>(2 * P * bc * CIN));
     s.m.resize(static_cast<size_t>(2 * P * bc * ctot));
-    float rows[P * CIN];
-    std::vector<float> out_rows(static_cast<size_t>(4 * K * ctot)), y(static_cast<size_t>(2 * 16 * ctot));
+    float rows[P * CIN], block[low ? P * CIN : 1], cols[low ? K * CIN : 1];
+    std::vector<float> out_rows(static_cast<size_t>(4 * K * ctot)), y(static_cast<size_t>(2 * 16 * ctot)),
+        pixel(static_cast<size_t>(low ? ctot : 0));
     const float zeros[CIN] = {};
     for (int64_t band = begin; band < end; ++band) {
       const int64_t tr = band / per_row, c0 = (band % per_row) * bc, nc = std::min(bc, tw - c0);
@@ -113,7 +168,14 @@ void winograd_head(const at::Tensor& feats, const at::Tensor& u, const at::Tenso
             const int64_t yy = 4 * tr - 1 + a;
             for (int b = 0; b < K; ++b) {
               const int64_t xx = 4 * (c0 + j) - 1 + b;
-              src[a * K + b] = (yy < 0 || yy >= H || xx < 0 || xx >= W) ? zeros : fp + ((n * H + yy) * W + xx) * CIN;
+              if (yy < 0 || yy >= H || xx < 0 || xx >= W) {
+                src[a * K + b] = zeros;
+              } else if constexpr (low) {  // widen the pixel's channels to fp32 for the transform
+                widen(fp + ((n * H + yy) * W + xx) * CIN, block + (a * K + b) * CIN, CIN);
+                src[a * K + b] = block + (a * K + b) * CIN;
+              } else {
+                src[a * K + b] = fp + ((n * H + yy) * W + xx) * CIN;
+              }
             }
           }
           for (int b = 0; b < K; ++b) {  // columns of the block: combine its rows
@@ -127,15 +189,25 @@ void winograd_head(const at::Tensor& feats, const at::Tensor& u, const at::Tenso
             float* t[K];
             for (int b = 0; b < K; ++b) {
               x[b] = rows + (a * K + b) * CIN;
-              t[b] = s.v.data() + (((a * K + b) * 2 + n) * nc + j) * CIN;
+              t[b] = low ? cols + b * CIN : s.v.data() + (((a * K + b) * 2 + n) * nc + j) * CIN;
             }
             input_rows(x, t, CIN);
+            if constexpr (low) {
+              for (int b = 0; b < K; ++b)
+                narrow(cols + b * CIN, s.vb.data() + (((a * K + b) * 2 + n) * nc + j) * CIN, CIN);
+            }
           }
         }
       }
-      auto v = torch::from_blob(s.v.data(), {2 * P, nc, CIN});
-      auto m = torch::from_blob(s.m.data(), {2 * P, nc, ctot});
-      at::bmm_out(m, v, u);
+      if constexpr (low) {
+        for (int64_t q = 0; q < 2 * P; ++q)
+          at::native::cpublas::brgemm(nc, ctot, CIN, CIN, ctot, ctot, false, s.vb.data() + q * nc * CIN,
+                                      up + q * CIN * ctot, s.m.data() + q * nc * ctot, true);
+      } else {
+        auto v = torch::from_blob(s.v.data(), {2 * P, nc, CIN});
+        auto m = torch::from_blob(s.m.data(), {2 * P, nc, ctot});
+        at::bmm_out(m, v, u);
+      }
       // Output transform per tile and branch, then bias, LeakyReLU and the branch sum.
       for (int64_t j = 0; j < nc; ++j) {
         for (int n = 0; n < 2; ++n) {
@@ -162,23 +234,45 @@ void winograd_head(const at::Tensor& feats, const at::Tensor& u, const at::Tenso
             if (xx >= W) break;
             const float* y0 = y.data() + (i * 4 + k) * ctot;
             const float* y1 = y.data() + ((4 + i) * 4 + k) * ctot;
-            float* d = optr[0] + (yy * W + xx) * cdec;
+            float* px = low ? pixel.data() : nullptr;  // bf16: one pixel's channels in fp32, then narrowed
+            float* d = low ? px : reinterpret_cast<float*>(optr[0] + (yy * W + xx) * cdec);
 #pragma omp simd
             for (int64_t c = 0; c < cdec; ++c) d[c] = leaky(y0[c] + y1[c] + bp[c], slope);
             for (size_t o = 1; o < outs.size(); ++o) {
               const int64_t lo = offsets[o], co = offsets[o + 1] - lo;
-              float* q = optr[o] + (yy * W + xx) * co;
+              float* q = low ? px + lo : reinterpret_cast<float*>(optr[o] + (yy * W + xx) * co);
 #pragma omp simd
               for (int64_t c = 0; c < co; ++c)
                 q[c] = leaky(y0[lo + c] + bp[lo + c], slope) + leaky(y1[lo + c] + bp[lo + c], slope);
+            }
+            if constexpr (low) {
+              for (size_t o = 0; o < outs.size(); ++o) {
+                const int64_t lo = offsets[o], co = offsets[o + 1] - lo;
+                narrow(px + lo, optr[o] + (yy * W + xx) * co, co);
+              }
             }
           }
         }
       }
     }
+    if constexpr (low) at::native::cpublas::brgemm_release(true);
   });
+}
+
+void winograd_head(const at::Tensor& feats, const at::Tensor& u, const at::Tensor& bias,
+                   std::vector<at::Tensor> outs, double slope, int64_t band_cols) {
+  TORCH_CHECK(feats.dim() == 4 && feats.size(0) == 2 && feats.size(3) == CIN && feats.is_contiguous(),
+              "feats must be contiguous (2, H, W, 64)");
+  if (feats.scalar_type() == at::kFloat) {
+    head_impl<float>(feats, u, bias, outs, slope, band_cols);
+  } else {
+    TORCH_CHECK(feats.scalar_type() == at::kBFloat16, "feats must be fp32 or bf16");
+    TORCH_CHECK(bf16_supported(), "bf16 brgemm is not available on this CPU");
+    head_impl<at::BFloat16>(feats, u, bias, outs, slope, band_cols);
+  }
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("winograd_head", &winograd_head, "Winograd F(4,3) head convs (see the source)");
+  m.def("bf16_supported", &bf16_supported, "whether bf16 products (brgemm) run on this CPU");
 }
