@@ -3,7 +3,8 @@
 They are 80 % of the network's multiplications and all read the two encoders' features, so one input transform
 serves all of them, and F(4, 3) needs 4× fewer products than the direct conv (Lavin & Gray, 2016). The transforms
 and products run in a compiled kernel (``kernels/winograd_head.cpp``); this module prepares its weights. In bf16 only
-the products' operands are bf16 (fp32 transforms and accumulation), which is closer to fp32 than bf16 direct convs.
+the products' operands are bf16 (fp32 transforms and accumulation): end to end about as close to fp32 as bf16
+direct convs (mean |Δ| 0.14–0.22 vs 0.13–0.21 grey levels on five real pairs).
 """
 
 from __future__ import annotations
