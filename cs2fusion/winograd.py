@@ -38,9 +38,7 @@ class WinogradHead:
         uq = transform_weights(torch.cat([q.weight for q in queries]))
         per_branch = [torch.cat([transform_weights(w), uq], 2) for w in (dec1.weight[:, :half], dec1.weight[:, half:])]
         u = torch.stack(per_branch, 1).flatten(0, 1).contiguous()  # (72, 64, 176): position, then branch
-        if dtype == torch.bfloat16:  # brgemm's VNNI layout: pairs of input channels side by side
-            u = u.to(dtype).view(72, 32, 2, -1).transpose(2, 3).contiguous()
-        self.u = u
+        self.u = kernel.vnni_pairs(u.to(dtype)) if dtype == torch.bfloat16 else u
         self.bias = torch.cat([dec1.bias.detach(), *(q.bias.detach() for q in queries)]).float().contiguous()
         self.query_channels = [q.out_channels for q in queries]
         self.slope = backbone.params.negative_slope

@@ -93,6 +93,15 @@ inline void narrow(const float* src, at::BFloat16* dst, int64_t n) {
 
 }  // namespace
 
+// (..., K, N) bf16 → brgemm's VNNI layout (..., K / 2, N, 2): pairs of consecutive rows of K side by side.
+at::Tensor vnni_pairs(const at::Tensor& b) {
+  const int64_t k = b.size(-2), n = b.size(-1);
+  TORCH_CHECK(b.scalar_type() == at::kBFloat16 && k % 2 == 0, "vnni_pairs takes bf16 (..., K, N) with K even");
+  std::vector<int64_t> shape(b.sizes().begin(), b.sizes().end() - 2);
+  shape.insert(shape.end(), {k / 2, 2, n});
+  return b.reshape(shape).transpose(-2, -1).contiguous();
+}
+
 // Whether this build and CPU run ATen's bf16 brgemm on the head's shapes (bf16 products, fp32 accumulation), checked
 // on a small product against fp32 once per process.
 bool bf16_supported() {
@@ -102,7 +111,7 @@ bool bf16_supported() {
       constexpr int64_t m = 3, n = 176;
       auto a = at::arange(m * CIN, at::kFloat).remainder(7).sub(3).view({m, CIN});
       auto b = at::arange(CIN * n, at::kFloat).remainder(5).sub(2).view({CIN, n});
-      auto packed = b.to(at::kBFloat16).view({CIN / 2, 2, n}).transpose(1, 2).contiguous();  // VNNI pairs
+      auto packed = vnni_pairs(b.to(at::kBFloat16));
       auto ab = a.to(at::kBFloat16).contiguous();
       auto c = at::empty({m, n});
       at::native::cpublas::brgemm(m, n, CIN, CIN, n, n, false, ab.data_ptr<at::BFloat16>(),
@@ -234,13 +243,17 @@ void head_impl(const at::Tensor& feats, const at::Tensor& u, const at::Tensor& b
             if (xx >= W) break;
             const float* y0 = y.data() + (i * 4 + k) * ctot;
             const float* y1 = y.data() + ((4 + i) * 4 + k) * ctot;
-            float* px = low ? pixel.data() : nullptr;  // bf16: one pixel's channels in fp32, then narrowed
-            float* d = low ? px : reinterpret_cast<float*>(optr[0] + (yy * W + xx) * cdec);
+            // Output o's channels of this pixel: written in place (fp32) or into `pixel`, then narrowed (bf16).
+            auto dst = [&](size_t o) -> float* {
+              if constexpr (low) return pixel.data() + offsets[o];
+              else return optr[o] + (yy * W + xx) * (offsets[o + 1] - offsets[o]);
+            };
+            float* d = dst(0);
 #pragma omp simd
             for (int64_t c = 0; c < cdec; ++c) d[c] = leaky(y0[c] + y1[c] + bp[c], slope);
             for (size_t o = 1; o < outs.size(); ++o) {
               const int64_t lo = offsets[o], co = offsets[o + 1] - lo;
-              float* q = low ? px + lo : reinterpret_cast<float*>(optr[o] + (yy * W + xx) * co);
+              float* q = dst(o);
 #pragma omp simd
               for (int64_t c = 0; c < co; ++c)
                 q[c] = leaky(y0[lo + c] + bp[lo + c], slope) + leaky(y1[lo + c] + bp[lo + c], slope);
@@ -248,7 +261,7 @@ void head_impl(const at::Tensor& feats, const at::Tensor& u, const at::Tensor& b
             if constexpr (low) {
               for (size_t o = 0; o < outs.size(); ++o) {
                 const int64_t lo = offsets[o], co = offsets[o + 1] - lo;
-                narrow(px + lo, optr[o] + (yy * W + xx) * co, co);
+                narrow(pixel.data() + lo, optr[o] + (yy * W + xx) * co, co);
               }
             }
           }
@@ -275,4 +288,5 @@ void winograd_head(const at::Tensor& feats, const at::Tensor& u, const at::Tenso
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("winograd_head", &winograd_head, "Winograd F(4,3) head convs (see the source)");
   m.def("bf16_supported", &bf16_supported, "whether bf16 products (brgemm) run on this CPU");
+  m.def("vnni_pairs", &vnni_pairs, "bf16 (..., K, N) in the layout the bf16 products read");
 }
