@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.common import DATA, best_of, published_backbone, report
 from cs2fusion.color import rgb_to_grey
-from cs2fusion.fusion import FuseOptions, Fuser
+from cs2fusion.inference import FuseOptions, Fuser
 from cs2fusion.io import read_image
 
 

@@ -16,7 +16,7 @@ from benchmarks.common import report
 CHILD = """
 import sys, time, resource, numpy as np, torch
 from benchmarks.common import published_backbone
-from cs2fusion.fusion import FuseOptions, Fuser
+from cs2fusion.inference import FuseOptions, Fuser
 torch.set_num_threads(2)
 h, w, tile = (int(a) for a in sys.argv[1:4])
 rng = np.random.default_rng(0)

@@ -16,24 +16,24 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import DATA, best_of, published_backbone, report
-from cs2fusion import kernels
 from cs2fusion.color import rgb_to_grey
-from cs2fusion.fusion import InferenceGraph
+from cs2fusion.inference import kernels
+from cs2fusion.inference.convs import Conv3x3
+from cs2fusion.inference.heads import DirectHead, WinogradHead
 from cs2fusion.io import read_image
-from cs2fusion.winograd import WinogradHead
 
 CL = torch.channels_last
 
 
-def direct_head(graph: InferenceGraph):
-    """The fast path's direct way: its own in-place convs (oneDNN where available) into preallocated outputs."""
-    wq = torch.cat([w for w, _ in graph.queries]).contiguous(memory_format=CL)  # ungated: levels 0, 1, 2
-    bq = torch.cat([b for _, b in graph.queries])
+def direct_head(head: DirectHead):
+    """The fast path's direct head: its own in-place convs (oneDNN where available) into preallocated outputs."""
+    wq = torch.cat([w for w, _ in head.queries]).contiguous(memory_format=CL)  # ungated: levels 0, 1, 2
+    bq = torch.cat([b for _, b in head.queries])
 
     def run(feats, d1, q2, qsum):
-        graph._conv(d1, feats[0:1], graph.dec1[0], graph.dec1_bias, act=False)
-        graph._conv(d1, feats[1:2], graph.dec1[1], None, accumulate=True)
-        graph._conv(q2, feats, wq, bq)
+        head.conv(d1, feats[0:1], head.dec1[0], head.dec1_bias, act=False)
+        head.conv(d1, feats[1:2], head.dec1[1], None, accumulate=True)
+        head.conv(q2, feats, wq, bq)
         return d1, torch.add(q2[0:1], q2[1:2], out=qsum)
 
     return run
@@ -101,7 +101,8 @@ def main() -> None:
                                     read_image(folder / "ir" / "17.png").astype(np.float32)),
         "640x480 synthetic": tuple(rng.uniform(0, 255, (480, 640)).astype(np.float32) for _ in range(2)),
     }
-    direct = direct_head(InferenceGraph(backbone, winograd=False))
+    conv = Conv3x3(torch.device("cpu"), torch.float32, backbone.params.negative_slope)
+    direct = direct_head(DirectHead(backbone, conv, torch.float32))
     wino = WinogradHead(backbone, kernel, band_cols=args.band_cols)
     rows = []
     for label, (vis_y, ir) in cases.items():

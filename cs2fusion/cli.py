@@ -1,4 +1,4 @@
-"""``cs2fusion`` command line: fuse folders of pairs, import the published weights, make demo data."""
+"""``cs2fusion`` command line: fuse folders of pairs, import the published weights, make demo data, build kernels."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def fuse(
     """Fuse every IR/visible pair matched by id; colour visible → colour output, grey → grey."""
     from cs2fusion.checkpoint import load_checkpoint
     from cs2fusion.data.pairs import find_pairs, load_pair
-    from cs2fusion.fusion import Fuser
+    from cs2fusion.inference import Fuser
     from cs2fusion.io import write_png
 
     try:
@@ -106,6 +106,19 @@ def synth(
 
     write_demo(SynthParams(out=str(out), pairs=pairs, width=width, height=height, seed=seed))
     log.info("wrote %d demo pairs to %s", pairs, out)
+
+
+@app.command("build-kernels")
+def build_kernels() -> None:
+    """Build the compiled inference kernel (the Winograd head) into the machine's cache now, so later processes
+    (Ray workers, model servers) load it instead of compiling on first use. Exit 1 where it cannot be built."""
+    from cs2fusion.inference import kernels
+
+    if kernels.winograd_head() is None:
+        typer.echo("error: the Winograd kernel could not be built (see above); fusion uses direct convolutions",
+                   err=True)
+        raise typer.Exit(1)
+    log.info("Winograd kernel ready in %s", kernels.build_location())
 
 
 def main() -> None:

@@ -144,7 +144,7 @@ class FuseParams:
     """
 
     published: str = "../shared/reference/cs2fusion-published"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"
     tile: int = 512
     max_pixels: int = 4_000_000
     winograd: bool = True

@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-from cs2fusion.batch import PUBLISHED, fuse_shards
+from cs2fusion.inference.batch import PUBLISHED, fuse_shards
 from cs2fusion.config import FuseParams
 from cs2fusion.data.shards import read_index, set_files, set_prefix
 from cs2fusion.io import atomic_dir

@@ -26,7 +26,7 @@ class FusionModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         from cs2fusion.checkpoint import load_checkpoint
-        from cs2fusion.fusion import Fuser
+        from cs2fusion.inference import Fuser
 
         self.fuser = Fuser(load_checkpoint(context.artifacts["checkpoint"]).backbone)
 

@@ -22,7 +22,7 @@ from cs2fusion.checkpoint import load_checkpoint, save_checkpoint
 from cs2fusion.config import Params, build, to_dict
 from cs2fusion.data.manifest import sha256_file
 from cs2fusion.data.shards import TrainShards, iter_eval, read_index, set_files, steps_per_epoch
-from cs2fusion.fusion import Fuser
+from cs2fusion.inference import Fuser
 from cs2fusion.io import InputError, write_png, write_text
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
 from cs2fusion.training import build_state, load_optim_state, lrs, optim_state, run_epoch

@@ -13,4 +13,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   quiet .venv/bin/python -m pip install -q "$TORCH_SPEC"
 fi
 quiet .venv/bin/python -m pip install -q -e ".[pipeline,test]"
+# The Winograd kernel, built once into the machine's cache (a no-op when built; without a compiler the fuser uses
+# direct convolutions and this only warns).
+.venv/bin/cs2fusion build-kernels || true
 export DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true RAY_AUTH_MODE=disabled

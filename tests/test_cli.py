@@ -28,6 +28,7 @@ def _fuse(model: Path, ir: Path, vi: Path, out: Path):
     return CliRunner().invoke(app, ["fuse", "--model", str(model), "--ir", str(ir), "--vi", str(vi), "--out", str(out)])
 
 
+@pytest.mark.data
 def test_grey_in_grey_out(published_ckpt: Path, tmp_path: Path) -> None:
     ir, vi = _copy_pairs(tmp_path, ["5"], src=DATA / "tno40")
     result = _fuse(published_ckpt, ir, vi, tmp_path / "out")
@@ -87,6 +88,7 @@ BAD: dict[str, Callable[[Path, Path], str]] = {
 }
 
 
+@pytest.mark.data
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_fails_cleanly(case: str, published_ckpt: Path, tmp_path: Path) -> None:
     ir, vi = _copy_pairs(tmp_path, ["1", "2", "3"])
@@ -100,6 +102,7 @@ def test_bad_input_fails_cleanly(case: str, published_ckpt: Path, tmp_path: Path
     assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
 
 
+@pytest.mark.data
 def test_missing_model_is_one_line(tmp_path: Path) -> None:
     ir, vi = _copy_pairs(tmp_path, ["1"])
     result = _fuse(tmp_path / "nope.safetensors", ir, vi, tmp_path / "out")
@@ -114,7 +117,10 @@ def test_default_model_is_shipped_with_a_card(tmp_path: Path) -> None:
     meta = read_meta(DEFAULT_MODEL)
     assert meta["source"].startswith("cs2fusion") and meta["mlflow_run_id"] and not meta["has_cpn"]
     assert DEFAULT_MODEL.stat().st_size < 1_500_000 and "RoadScene" in MODEL_CARD.read_text()
-    ir, vi = _copy_pairs(tmp_path, ["1"])
-    result = CliRunner().invoke(app, ["fuse", "--ir", str(ir), "--vi", str(vi), "--out", str(tmp_path / "out")])
+    demo = tmp_path / "demo"
+    assert CliRunner().invoke(app, ["synth", "--out", str(demo), "--pairs", "2"]).exit_code == 0
+    result = CliRunner().invoke(app, ["fuse", "--ir", str(demo / "ir"), "--vi", str(demo / "vi"),
+                                      "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert read_image(tmp_path / "out" / "1.png").shape == read_image(vi / "1.png").shape
+    for vi in (demo / "vi").iterdir():
+        assert read_image(tmp_path / "out" / vi.name).shape == read_image(vi).shape

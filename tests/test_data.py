@@ -20,6 +20,8 @@ from cs2fusion.data.shards import TrainShards, iter_eval, read_index, set_files,
 from cs2fusion.io import InputError, read_image
 from tests.conftest import DATA
 
+pytestmark = pytest.mark.data  # real pairs from ../shared
+
 RS = DATA / "roadscene"
 IDS = sorted(p.stem for p in (RS / "ir").glob("*.png"))[:6]
 

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from cs2fusion.checkpoint import load_checkpoint
 from cs2fusion.color import rgb_to_grey
-from cs2fusion.fusion import Fuser
+from cs2fusion.inference import Fuser
 from cs2fusion.io import read_image
 from tests.conftest import PUBLISHED, RS40
+
+pytestmark = pytest.mark.data  # real pairs from ../shared
 
 
 def test_fused_y_matches_reference_exactly(published_ckpt: Path) -> None:

@@ -1,7 +1,9 @@
-"""Inference paths on real pairs: fast == plain, exact tiling == whole image, batching, bf16 within ±1."""
+"""Inference: the fast graph equals the model's own forward (both heads), the kernel against fp64 convs, tiling,
+batching, buffer reuse, threads, bf16, and where the compiled kernel applies."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,15 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cs2fusion import kernels
-from cs2fusion.checkpoint import load_checkpoint
 from cs2fusion.color import rgb_to_grey, to_uint8
-from cs2fusion.fusion import FuseOptions, Fuser, _denormals_flushed, pooled_max_sum
+from cs2fusion.config import ModelParams
+from cs2fusion.inference import FuseOptions, Fuser, kernels
+from cs2fusion.inference.buffers import denormals_flushed, pooled_max_sum
+from cs2fusion.inference.heads import DirectHead, WinogradHead
 from cs2fusion.io import read_image
-from cs2fusion.winograd import WinogradHead
-from tests.conftest import DATA, RS40
-
-needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel")
+from cs2fusion.model import Backbone
+from tests.conftest import DATA, RS40, synth_pairs
 
 
 def _pair(folder: Path, i: str) -> tuple[np.ndarray, np.ndarray]:
@@ -28,38 +29,60 @@ def _pair(folder: Path, i: str) -> tuple[np.ndarray, np.ndarray]:
     return y, read_image(folder / "ir" / f"{i}.png").astype(np.float32)
 
 
+def _fast(backbone: Backbone, request: pytest.FixtureRequest, winograd: bool, **options) -> Fuser:
+    """A fast-path fuser whose head is the one asked for (the kernel fixture skips where it cannot be built)."""
+    if winograd:
+        request.getfixturevalue("winograd_kernel")
+    fuser = Fuser(backbone, options=FuseOptions(winograd=winograd, **options))
+    assert isinstance(fuser.graph.head, WinogradHead if winograd else DirectHead)
+    return fuser
+
+
+def _plain(backbone: Backbone, y: np.ndarray, ir: np.ndarray) -> np.ndarray:
+    return Fuser(backbone, options=FuseOptions(fast=False)).fuse_y(vis_y=y, ir=ir)
+
+
 @pytest.fixture(scope="module")
-def backbone(published_ckpt: Path):
+def published(published_ckpt: Path) -> Backbone:
+    from cs2fusion.checkpoint import load_checkpoint
+
     return load_checkpoint(published_ckpt).backbone
 
 
-@pytest.mark.parametrize("winograd", [pytest.param(True, marks=needs_compiler), False])
+@pytest.mark.parametrize("winograd", [True, False])
+@pytest.mark.parametrize("h, w", [(128, 160), (101, 157)])  # odd sizes: partial 4×4 tiles
+def test_fast_path_equals_plain(shipped_backbone, request, h: int, w: int, winograd: bool) -> None:
+    (y, ir), = synth_pairs(1, h, w, seed=h)
+    fast = _fast(shipped_backbone, request, winograd).fuse_y(vis_y=y, ir=ir)
+    assert np.abs(fast - _plain(shipped_backbone, y, ir)).max() <= 1e-3
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("winograd", [True, False])
 @pytest.mark.parametrize("folder, i, crop", [(RS40, "3", None), (DATA / "tno40", "7", None),
-                                             (DATA / "tno40", "2", (301, 417))])  # odd sizes: partial 4×4 tiles
-def test_fast_path_equals_plain(backbone, folder: Path, i: str, crop: tuple[int, int] | None, winograd: bool) -> None:
+                                             (DATA / "tno40", "2", (301, 417))])
+def test_fast_path_equals_plain_on_real_pairs(published, request, folder: Path, i: str,
+                                              crop: tuple[int, int] | None, winograd: bool) -> None:
     y, ir = _pair(folder, i)
     if crop:
         y, ir = y[: crop[0], : crop[1]], ir[: crop[0], : crop[1]]
-    plain = Fuser(backbone, options=FuseOptions(fast=False)).fuse_y(vis_y=y, ir=ir)
-    fuser = Fuser(backbone, options=FuseOptions(winograd=winograd))
-    assert (fuser.graph.head is not None) == winograd  # the kernel was built and used, or switched off
-    assert np.abs(fuser.fuse_y(vis_y=y, ir=ir) - plain).max() <= 1e-3
+    fast = _fast(published, request, winograd).fuse_y(vis_y=y, ir=ir)
+    assert np.abs(fast - _plain(published, y, ir)).max() <= 1e-3
 
 
-@needs_compiler
 @pytest.mark.parametrize("dtype, rel_tol", [(torch.float32, 1e-5), (torch.bfloat16, 6e-2)])
 @pytest.mark.parametrize("h, w, band_cols", [(37, 53, 3), (8, 4, 32), (1, 6, 1)])
-def test_winograd_head_equals_fp64_convs(backbone, h: int, w: int, band_cols: int, dtype: torch.dtype,
-                                         rel_tol: float) -> None:
+def test_winograd_head_equals_fp64_convs(shipped_backbone, winograd_kernel, h: int, w: int, band_cols: int,
+                                         dtype: torch.dtype, rel_tol: float) -> None:
     """The kernel against fp64 convs of the same features, odd sizes, bands of a few tiles (borders, band edges).
 
     Errors are relative to each output's range: fp32 Winograd measured ≤ 2.3e-6, bf16 products ≤ 3.3e-2 on these
     rough random features (real images' features are smoother; end to end see the bf16 test below)."""
-    kernel = kernels.winograd_head()
-    if dtype == torch.bfloat16 and not kernel.bf16_supported():
+    if dtype == torch.bfloat16 and not winograd_kernel.bf16_supported():
         pytest.skip("no bf16 products (brgemm) on this CPU")
+    backbone = shipped_backbone
     feats = (40 * torch.randn(2, 64, h, w, generator=torch.Generator().manual_seed(h)).abs()).to(dtype)
-    head = WinogradHead(backbone, kernel, band_cols=band_cols, dtype=dtype)
+    head = WinogradHead(backbone, winograd_kernel, band_cols=band_cols, dtype=dtype)
     d1, *queries = (torch.full((1, c, h, w), np.nan, dtype=dtype).contiguous(memory_format=torch.channels_last)
                     for c in (64, *head.query_channels))
     with torch.inference_mode():
@@ -74,6 +97,56 @@ def test_winograd_head_equals_fp64_convs(backbone, h: int, w: int, band_cols: in
         assert (got.double() - want).abs().max() <= rel_tol * want.abs().max()
 
 
+@pytest.mark.parametrize("channels", [8, 24])
+def test_other_widths_use_the_direct_head(request, channels: int) -> None:
+    """The kernel is built for 16 channels (64 features per branch): any other width gets the direct head, even
+    where the kernel exists, and still equals the model's own forward."""
+    torch.manual_seed(channels)
+    backbone = Backbone(ModelParams(channels=channels)).eval()
+    (y, ir), = synth_pairs(1, 45, 61)
+    fuser = Fuser(backbone, options=FuseOptions(winograd=True))
+    assert isinstance(fuser.graph.head, DirectHead)
+    plain = _plain(backbone, y, ir)
+    assert np.abs(fuser.fuse_y(vis_y=y, ir=ir) - plain).max() <= 1e-5 * max(1.0, np.abs(plain).max())
+    kernel = kernels.winograd_head()
+    if kernel is not None:
+        with pytest.raises(ValueError, match="feature channels"):
+            WinogradHead(backbone, kernel)
+
+
+def test_kernel_override_and_missing_tools(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """``CS2FUSION_NO_KERNELS=1`` switches the kernel off; a machine without a compiler gets None and one warning,
+    not an exception (the loader is called uncached here)."""
+    monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    assert kernels.winograd_head.__wrapped__() is None
+    monkeypatch.delenv(kernels.DISABLE_ENV)
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name in ("c++", "ninja") else real_which(name))
+    monkeypatch.setitem(__import__("sys").modules, "ninja", None)  # the pip package is not there either
+    with caplog.at_level(logging.WARNING):
+        assert kernels.winograd_head.__wrapped__() is None
+    assert "no C++ compiler" in caplog.text
+
+
+def test_kernel_cache_is_keyed_by_source_and_torch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(kernels.CACHE_ENV, str(tmp_path))
+    name, folder = kernels._build_key()
+    assert folder.is_relative_to(tmp_path) and torch.__version__.replace("+", "_") in str(folder)
+    source = tmp_path / "winograd_head.cpp"
+    source.write_text(kernels.SOURCE.read_text() + "\n// edited\n")
+    monkeypatch.setattr(kernels, "SOURCE", source)
+    other_name, other_folder = kernels._build_key()
+    assert other_name != name and other_folder != folder
+
+
+def test_only_tested_precisions() -> None:
+    for bad in ("fp16", "int8"):
+        with pytest.raises(ValueError, match="precision"):
+            FuseOptions(precision=bad)
+    with pytest.raises(ValueError, match="fp32 only"):
+        FuseOptions(precision="bf16", fast=False)
+
+
 @pytest.mark.parametrize("c, h, w, rows, dtype", [(16, 37, 29, 64, torch.float32), (32, 8, 8, 16384, torch.bfloat16),
                                                    (64, 5, 3, 4, torch.float32)])
 def test_pooled_max_sum_equals_direct_reduction(c: int, h: int, w: int, rows: int, dtype: torch.dtype) -> None:
@@ -83,30 +156,31 @@ def test_pooled_max_sum_equals_direct_reduction(c: int, h: int, w: int, rows: in
     assert torch.allclose(pooled_sum, x.float().sum((2, 3)), atol=1e-4)
 
 
-def test_portable_conv_path_equals_plain(backbone) -> None:
-    """The F.conv2d fallback (GPUs, builds without oneDNN's in-place conv) gives the same output."""
-    y, ir = _pair(RS40, "8")
-    plain = Fuser(backbone, options=FuseOptions(fast=False)).fuse_y(vis_y=y, ir=ir)
-    fuser = Fuser(backbone)
-    fuser.graph.onednn = False
-    assert np.abs(fuser.fuse_y(vis_y=y, ir=ir) - plain).max() <= 1e-3
+def test_portable_conv_path_equals_plain(shipped_backbone) -> None:
+    """The F.conv2d fallback (GPUs, builds without oneDNN's in-place conv), in the encoders and the direct head."""
+    (y, ir), = synth_pairs(1, 96, 128, seed=8)
+    fuser = Fuser(shipped_backbone, options=FuseOptions(winograd=False))
+    assert isinstance(fuser.graph.head, DirectHead) and fuser.graph.head.conv is fuser.graph.conv
+    fuser.graph.conv.onednn = False
+    assert np.abs(fuser.fuse_y(vis_y=y, ir=ir) - _plain(shipped_backbone, y, ir)).max() <= 1e-3
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_reused_buffers_do_not_leak_between_images(backbone, precision: str) -> None:
+def test_reused_buffers_do_not_leak_between_images(shipped_backbone, precision: str) -> None:
     """The fast path reuses one buffer across calls: a large image, then a smaller one, equals a fresh fuser."""
-    (ya, ia), (yb, ib) = _pair(DATA / "tno40", "2"), _pair(RS40, "4")
+    (ya, ia), = synth_pairs(1, 160, 200, seed=1)
+    (yb, ib), = synth_pairs(1, 96, 112, seed=2)
     options = FuseOptions(precision=precision)
-    fuser = Fuser(backbone, options=options)
+    fuser = Fuser(shipped_backbone, options=options)
     fuser.fuse_y(vis_y=ya, ir=ia)
     after = fuser.fuse_y(vis_y=yb, ir=ib)
-    assert np.array_equal(after, Fuser(backbone, options=options).fuse_y(vis_y=yb, ir=ib))
+    assert np.array_equal(after, Fuser(shipped_backbone, options=options).fuse_y(vis_y=yb, ir=ib))
 
 
-def test_concurrent_callers_get_their_own_results(backbone) -> None:
+def test_concurrent_callers_get_their_own_results(shipped_backbone) -> None:
     """One fuser shared by threads (a threaded model server): the reused buffer must not mix their images."""
-    pairs = [_pair(RS40, i) for i in ("6", "7", "9", "10")]
-    fuser = Fuser(backbone)
+    pairs = synth_pairs(4, 80, 96, seed=3)
+    fuser = Fuser(shipped_backbone)
     alone = [fuser.fuse_y(vis_y=y, ir=ir) for y, ir in pairs]
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda p: fuser.fuse_y(vis_y=p[0], ir=p[1]), pairs))
@@ -114,48 +188,45 @@ def test_concurrent_callers_get_their_own_results(backbone) -> None:
 
 
 @pytest.mark.parametrize("tile", [40, 96])
-def test_tiled_equals_whole(backbone, tile: int) -> None:
-    y, ir = _pair(DATA / "tno40", "2")  # 632×496, not a multiple of the tile
-    y, ir = y[:301, :417], ir[:301, :417]  # odd sizes
-    whole = Fuser(backbone).fuse_y(vis_y=y, ir=ir)
-    tiled = Fuser(backbone, options=FuseOptions(tile=tile, max_pixels=0)).fuse_y(vis_y=y, ir=ir)
+def test_tiled_equals_whole(shipped_backbone, tile: int) -> None:
+    (y, ir), = synth_pairs(1, 201, 217, seed=4)  # odd sizes, not a multiple of the tile
+    whole = Fuser(shipped_backbone).fuse_y(vis_y=y, ir=ir)
+    tiled = Fuser(shipped_backbone, options=FuseOptions(tile=tile, max_pixels=0)).fuse_y(vis_y=y, ir=ir)
     assert whole.shape == tiled.shape == y.shape
     assert np.abs(tiled - whole).max() <= 1e-3
 
 
-def test_batch_equals_singles(backbone) -> None:
-    a, b = _pair(RS40, "1"), _pair(RS40, "2")
-    h, w = min(a[0].shape[0], b[0].shape[0]), min(a[0].shape[1], b[0].shape[1])
-    crop = lambda p: (p[0][:h, :w], p[1][:h, :w])  # noqa: E731
-    (ya, ia), (yb, ib) = crop(a), crop(b)
-    fuser = Fuser(backbone)
+def test_batch_equals_singles(shipped_backbone) -> None:
+    (ya, ia), (yb, ib) = synth_pairs(2, 72, 88, seed=5)
+    fuser = Fuser(shipped_backbone)
     batch = fuser.fuse_y_batch([ya, yb], [ia, ib])
     assert np.abs(batch[0] - fuser.fuse_y(vis_y=ya, ir=ia)).max() <= 1e-3
     assert np.abs(batch[1] - fuser.fuse_y(vis_y=yb, ir=ib)).max() <= 1e-3
 
 
-@pytest.mark.parametrize("winograd", [pytest.param(True, marks=needs_compiler), False])
+@pytest.mark.data
+@pytest.mark.parametrize("winograd", [True, False])
 @pytest.mark.parametrize("folder, i", [(RS40, "5"), (RS40, "20"), (DATA / "tno40", "11")])
-def test_bf16_within_one_grey_level(backbone, folder: Path, i: str, winograd: bool) -> None:
+def test_bf16_within_one_grey_level(published, request, folder: Path, i: str, winograd: bool) -> None:
     y, ir = _pair(folder, i)
-    ref = to_uint8(Fuser(backbone).fuse_y(vis_y=y, ir=ir)).astype(int)
-    fuser = Fuser(backbone, options=FuseOptions(precision="bf16", winograd=winograd))
-    if winograd and kernels.winograd_head().bf16_supported():
-        assert fuser.graph.head is not None  # the bf16 Winograd head is the one tested
-    else:
-        assert fuser.graph.head is None
+    ref = to_uint8(Fuser(published).fuse_y(vis_y=y, ir=ir)).astype(int)
+    if winograd:
+        kernel = request.getfixturevalue("winograd_kernel")
+        if not kernel.bf16_supported():
+            pytest.skip("no bf16 products (brgemm) on this CPU")
+    fuser = _fast(published, request, winograd, precision="bf16")
     low = to_uint8(fuser.fuse_y(vis_y=y, ir=ir)).astype(int)
     assert (np.abs(low - ref) <= 1).mean() >= 0.99
 
 
 @pytest.mark.parametrize("flushed_before", [False, True])
-def test_denormal_setting_is_restored(backbone, flushed_before: bool) -> None:
+def test_denormal_setting_is_restored(shipped_backbone, flushed_before: bool) -> None:
     """The fast path flushes denormals while it runs (a ten-fold slowdown otherwise) and leaves the caller's
     setting as it found it."""
-    y, ir = _pair(RS40, "16")
+    (y, ir), = synth_pairs(1, 64, 64, seed=6)
     torch.set_flush_denormal(flushed_before)
     try:
-        Fuser(backbone).fuse_y(vis_y=y[:64, :64], ir=ir[:64, :64])
-        assert _denormals_flushed() == flushed_before
+        Fuser(shipped_backbone).fuse_y(vis_y=y, ir=ir)
+        assert denormals_flushed() == flushed_before
     finally:
         torch.set_flush_denormal(False)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
-from cs2fusion.config import ImpairParams
+from cs2fusion.config import ImpairParams, ModelParams, TrainParams
 from cs2fusion.data.impair import impair
 from cs2fusion.losses import backbone_loss, contrastive_loss, cosine_matrix, sim_max_loss, sim_min_loss
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
+from cs2fusion.training import build_state, train_step
 
 
 def test_cosine_matrix_clamped() -> None:
@@ -37,45 +39,67 @@ def test_sim_min_hand_computed() -> None:
     assert math.isclose(sim_min_loss(x, y).item(), expected, rel_tol=1e-5)
 
 
-def _losses(seed: int = 0) -> tuple[Backbone, CompensationPerceptionNetwork, dict, dict]:
-    torch.manual_seed(seed)
-    net, cpn = Backbone(), CompensationPerceptionNetwork()
+def test_train_step_partitions_the_losses() -> None:
+    """Through ``train_step`` itself (its impaired pass, its two backward passes): the backbone loss reaches every
+    backbone parameter and no CPN parameter; the CPN loss reaches every CPN parameter and leaves the backbone's
+    gradients as they were."""
+    torch.manual_seed(0)
+    train = TrainParams(batch_size=4)
+    state = build_state(ModelParams(), train)
     vis, ir = torch.rand(4, 1, 16, 16), torch.rand(4, 1, 16, 16)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     vis_imp = torch.from_numpy(np.stack([impair(v.numpy(), rng, ImpairParams()) for v in vis]))
-    out = net(vis_y=vis, ir=ir)
+    seen = {}
+
+    def snapshot(name: str, step):  # noqa: ANN001
+        def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003
+            seen[name] = {net: {n: None if p.grad is None else p.grad.clone() for n, p in module.named_parameters()}
+                          for net, module in (("backbone", state.backbone), ("cpn", state.cpn))}
+            return step(*args, **kwargs)
+        return wrapped
+
+    state.opt_backbone.step = snapshot("backbone step", state.opt_backbone.step)
+    state.opt_cpn.step = snapshot("cpn step", state.opt_cpn.step)
+    train_step(state, (ir, vis, vis_imp), train)
+    first, second = seen["backbone step"], seen["cpn step"]
+    assert all(g is not None and g.abs().sum() > 0 for g in first["backbone"].values())
+    assert all(g is None for g in first["cpn"].values())
+    assert all(g is not None and g.abs().sum() > 0 for g in second["cpn"].values())
+    for name, g in second["backbone"].items():
+        assert torch.equal(g, first["backbone"][name]), name
+
+
+def test_backbone_loss_hand_computed() -> None:
+    """Constant images, maps of ones: the intensity terms are Frobenius norms over the batch on 0–255, the SSIM
+    terms (1 − SSIM) / 2 of two constants with kornia's C1 = (0.01 · max_val)² and max_val 1."""
+    f, a, b = (torch.full((2, 1, 8, 8), v) for v in (0.5, 0.25, 0.75))
+    ones = torch.ones_like(f)
+    lb = backbone_loss(f, ir=a, vis_y=b, w_ir=ones, w_vis=0.5 * ones, scale=255.0)
+    n = f.numel()
+    assert lb["intensity_ir"].item() == pytest.approx(math.sqrt(n) * 0.25 * 255, rel=1e-6)
+    assert lb["intensity_vis"].item() == pytest.approx(math.sqrt(n) * 0.25 * 255 * 0.5, rel=1e-6)
+
+    def ssim_loss_const(x: float, y: float) -> float:
+        c1 = 1e-4
+        return (1 - (2 * x * y + c1) / (x * x + y * y + c1)) / 2
+
+    assert lb["ssim_ir"].item() == pytest.approx(ssim_loss_const(127.5, 63.75), rel=1e-4)
+    assert lb["ssim_vis"].item() == pytest.approx(ssim_loss_const(127.5, 191.25), rel=1e-4)
+    total = sum(lb[k].item() for k in ("intensity_ir", "intensity_vis", "ssim_ir", "ssim_vis"))
+    assert lb["backbone"].item() == pytest.approx(total, rel=1e-6)
+
+
+def test_impaired_weight_scales_the_second_contrast() -> None:
+    torch.manual_seed(1)
+    net, cpn = Backbone(), CompensationPerceptionNetwork()
+    out = net(vis_y=torch.rand(4, 1, 16, 16), ir=torch.rand(4, 1, 16, 16))
     main = cpn(ir=out.ir, vis=out.vis)
-    out2 = net(vis_y=vis_imp, ir=ir)
-    imp = cpn(ir=out2.ir, vis=out2.vis)
-    lb = backbone_loss(out.fused, ir=ir, vis_y=vis, w_ir=main.w_ir, w_vis=main.w_vis, scale=255.0)
-    lc = contrastive_loss(main, impaired_sso_ir=imp.sso_ir, impaired_sso_vis=imp.sso_vis, alpha=0.25,
-                          impaired_weight=2.0)
-    return net, cpn, lb, lc
-
-
-def _grads(module: torch.nn.Module) -> dict[str, bool]:
-    return {n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in module.named_parameters()}
-
-
-def test_backbone_loss_trains_backbone_only() -> None:
-    net, cpn, lb, _ = _losses()
-    lb["backbone"].backward()
-    assert all(_grads(net).values()), [n for n, g in _grads(net).items() if not g]
-    assert not any(_grads(cpn).values())
-
-
-def test_contrastive_loss_trains_cpn_only() -> None:
-    net, cpn, _, lc = _losses()
-    lc["cpn"].backward()
-    assert all(_grads(cpn).values())
-    assert not any(_grads(net).values())
-
-
-def test_loss_terms_add_up() -> None:
-    _, _, lb, lc = _losses()
-    parts = lb["intensity_ir"] + lb["intensity_vis"] + lb["ssim_ir"] + lb["ssim_vis"]
-    torch.testing.assert_close(lb["backbone"], parts)
-    torch.testing.assert_close(lc["cpn"], lc["contrast_1"] + 2.0 * lc["contrast_2"])
+    imp = net(vis_y=torch.zeros(4, 1, 16, 16), ir=torch.rand(4, 1, 16, 16))
+    imp_cpn = cpn(ir=imp.ir, vis=imp.vis)
+    k1, k3 = (contrastive_loss(main, impaired_sso_ir=main.sso_ir, impaired_sso_vis=imp_cpn.sso_vis, alpha=0.25,
+                               impaired_weight=k) for k in (1.0, 3.0))
+    assert k1["contrast_2"].item() > 0
+    assert (k3["cpn"] - k1["cpn"]).item() == pytest.approx(2 * k1["contrast_2"].item(), rel=1e-5)
 
 
 def test_impair_cuts_regions(rng: np.random.Generator) -> None:

@@ -15,7 +15,7 @@ import yaml
 from tests.conftest import DATA, REPO, SHARED
 from tests.tiny import TINY, env
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.data]
 
 
 def _run(cwd: Path, *cmd: str, with_stderr: bool = True) -> str:
@@ -62,6 +62,14 @@ def test_dvc_repro_end_to_end(project: Path) -> None:
 
     again = _run(project, "dvc", "repro")
     assert "Running stage" not in again  # nothing to do
+
+    # an edit to a shared base module (the colour conversion) makes every stage that imports it stale
+    color = project / "cs2fusion" / "color.py"
+    original = color.read_text()
+    color.write_text(original + "# edited\n")
+    stale = json.loads(_run(project, "dvc", "status", "--json", with_stderr=False))
+    color.write_text(original)
+    assert {"synth", "prepare", "shard", "train", "fuse", "evaluate", "register"} <= set(stale), sorted(stale)
 
     shown = _run(project, "dvc", "metrics", "show")
     assert "metrics/evaluate.json" in shown and "Qabf" in shown

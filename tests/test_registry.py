@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from cs2fusion.checkpoint import load_checkpoint, save_checkpoint
-from cs2fusion.fusion import Fuser
+from cs2fusion.inference import Fuser
 from cs2fusion.io import read_image
 from tests.conftest import DATA, RS40
 from tests.tiny import env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.data]
 NAME = "cs2fusion-test"
 GOOD = {"EN": 7.0, "SD": 40.0, "SF": 12.0, "AG": 4.0, "MI": 3.0, "SCD": 1.3, "VIF": 0.7, "Qabf": 0.5, "SSIM": 0.9}
 

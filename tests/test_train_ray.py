@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
 
 from cs2fusion.checkpoint import read_meta
-from tests.tiny import env, prepare_and_shard, stage, write_params
+from cs2fusion.cli import app
+from cs2fusion.io import read_image
+from tests.conftest import DATA
+from tests.tiny import prepare_and_shard, stage, write_params
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.data]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,7 @@ def _client(folder: Path) -> MlflowClient:
 
 def test_two_workers_train_and_log(shards: Path, tmp_path: Path) -> None:
     write_params(tmp_path)
-    final = _train(tmp_path, shards)
+    final = _train(tmp_path, shards)  # a local Ray instance of its own: the quick start's path
     client = _client(tmp_path)
     run = client.get_run(final["mlflow_run_id"])
     assert run.info.status == "FINISHED"
@@ -57,10 +56,11 @@ def test_two_workers_train_and_log(shards: Path, tmp_path: Path) -> None:
     assert meta["epoch"] == 3 and meta["step"] == 9 and meta["mlflow_run_id"] == run.info.run_id
 
 
-def test_worker_failure_resumes_from_checkpoint(shards: Path, tmp_path: Path) -> None:
+def test_worker_failure_resumes_from_checkpoint(ray_head: tuple[str, Path], shards: Path, tmp_path: Path) -> None:
     write_params(tmp_path)
     marker = tmp_path / "failed_once"
-    final = _train(tmp_path, shards, CS2FUSION_FAIL_AT_STEP="5", CS2FUSION_FAIL_MARKER=str(marker))
+    final = _train(tmp_path, shards, CS2FUSION_FAIL_AT_STEP="5", CS2FUSION_FAIL_MARKER=str(marker),
+                   RAY_ADDRESS=ray_head[0])
     assert marker.exists()  # the failure really happened
     client = _client(tmp_path)
     resumed = client.get_metric_history(final["mlflow_run_id"], "resume/from_epoch")
@@ -70,64 +70,57 @@ def test_worker_failure_resumes_from_checkpoint(shards: Path, tmp_path: Path) ->
     assert read_meta(tmp_path / "models" / "model.safetensors")["epoch"] == 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_training_and_fusing_on_the_started_head(ray_head: tuple[str, Path], shards: Path, tmp_path: Path) -> None:
+    address, temp_dir = ray_head
+    write_params(tmp_path, train={"epochs": 1})
+    final = _train(tmp_path, shards, RAY_ADDRESS=address)
+    assert final["epoch"] == 1
+    logs = list((temp_dir / "session_latest" / "logs").glob("worker-*.out"))
+    assert any("RayTrainWorker" in p.read_text(errors="ignore") for p in logs)  # the head ran the workers
+
+    # the fuse stage on the attached cluster (a Ray task per shard) writes what the local run writes
+    write_params(tmp_path, train={"epochs": 1}, fuse={"published": ""})
+    fuse = ("fuse", "--model", "models/model.safetensors", "--shards", str(shards))
+    stage(tmp_path, *fuse, "--out", "fused_local")
+    on_ray = stage(tmp_path, *fuse, "--out", "fused_ray", RAY_ADDRESS=address)
+    assert "on the Ray cluster" in on_ray.stderr
+    local = sorted(p.relative_to(tmp_path / "fused_local") for p in (tmp_path / "fused_local").rglob("*.png"))
+    remote = sorted(p.relative_to(tmp_path / "fused_ray") for p in (tmp_path / "fused_ray").rglob("*.png"))
+    assert local == remote and len(local) == 10
+    for rel in local:
+        assert (tmp_path / "fused_local" / rel).read_bytes() == (tmp_path / "fused_ray" / rel).read_bytes(), rel
 
 
-def test_training_and_fusing_on_a_separately_started_head(shards: Path, tmp_path: Path) -> None:
-    port = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
-    ray_bin = Path(sys.executable).parent / "ray"
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            probe = subprocess.run([str(ray_bin), "status", f"--address=127.0.0.1:{port}"], env=env(),
-                                   capture_output=True, text=True)
-            if probe.returncode == 0:
-                break
-            assert head.poll() is None, head.stdout.read() if head.stdout else ""
-            time.sleep(2)
-        write_params(tmp_path, train={"epochs": 1})
-        final = _train(tmp_path, shards, RAY_ADDRESS=f"127.0.0.1:{port}")
-        assert final["epoch"] == 1
-        logs = list((Path(temp_dir) / "session_latest" / "logs").glob("worker-*.out"))
-        assert any("RayTrainWorker" in p.read_text(errors="ignore") for p in logs)  # the head ran the workers
-
-        # the fuse stage on the attached cluster (a Ray task per shard) writes what the local run writes
-        write_params(tmp_path, train={"epochs": 1}, fuse={"published": ""})
-        fuse = ("fuse", "--model", "models/model.safetensors", "--shards", str(shards))
-        stage(tmp_path, *fuse, "--out", "fused_local")
-        on_ray = stage(tmp_path, *fuse, "--out", "fused_ray", RAY_ADDRESS=f"127.0.0.1:{port}")
-        assert "on the Ray cluster" in on_ray.stderr
-        local = sorted(p.relative_to(tmp_path / "fused_local") for p in (tmp_path / "fused_local").rglob("*.png"))
-        remote = sorted(p.relative_to(tmp_path / "fused_ray") for p in (tmp_path / "fused_ray").rglob("*.png"))
-        assert local == remote and len(local) == 10
-        for rel in local:
-            assert (tmp_path / "fused_local" / rel).read_bytes() == (tmp_path / "fused_ray" / rel).read_bytes(), rel
-    finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def test_other_model_width_trains_validates_and_fuses(ray_head: tuple[str, Path], shards: Path,
+                                                      tmp_path: Path) -> None:
+    """``model.channels: 8`` (the Winograd kernel is built for 16): the train stage's validation grid and
+    ``cs2fusion fuse`` take the direct head."""
+    write_params(tmp_path, model={"channels": 8}, train={"epochs": 1, "max_steps_per_epoch": 2})
+    final = _train(tmp_path, shards, RAY_ADDRESS=ray_head[0])
+    run = _client(tmp_path).list_artifacts(final["mlflow_run_id"], "val_samples")
+    assert [a.path for a in run] == ["val_samples/val_epoch_001.png"]
+    model = tmp_path / "models" / "model.safetensors"
+    assert read_meta(model)["model"]["channels"] == 8
+    pairs = tmp_path / "pairs"
+    for kind in ("ir", "vi"):
+        (pairs / kind).mkdir(parents=True)
+        shutil.copy(DATA / "tno40" / kind / "3.png", pairs / kind / "3.png")
+    result = CliRunner().invoke(app, ["fuse", "--model", str(model), "--ir", str(pairs / "ir"),
+                                      "--vi", str(pairs / "vi"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert read_image(tmp_path / "out" / "3.png").shape == read_image(pairs / "vi" / "3.png").shape
 
 
-def test_stopped_run_resumes_on_request(shards: Path, tmp_path: Path) -> None:
+def test_stopped_run_resumes_on_request(ray_head: tuple[str, Path], shards: Path, tmp_path: Path) -> None:
     write_params(tmp_path, train={"max_failures": 0})
     marker = tmp_path / "failed_once"
     with pytest.raises(AssertionError, match="pipeline.train failed"):
-        _train(tmp_path, shards, CS2FUSION_FAIL_AT_STEP="5", CS2FUSION_FAIL_MARKER=str(marker))
+        _train(tmp_path, shards, CS2FUSION_FAIL_AT_STEP="5", CS2FUSION_FAIL_MARKER=str(marker),
+               RAY_ADDRESS=ray_head[0])
     run_id = (tmp_path / "runs" / "train" / "mlflow_run_id").read_text().strip()
     assert _client(tmp_path).get_run(run_id).info.status == "FAILED"
     stage(tmp_path, "train", "--shards", str(shards), "--out", "models/model.safetensors", "--metrics",
-          "metrics/train.json", "--resume")
+          "metrics/train.json", "--resume", RAY_ADDRESS=ray_head[0])
     final = json.loads((tmp_path / "metrics" / "train.json").read_text())
     assert final["mlflow_run_id"] == run_id and final["epoch"] == 3 and final["step"] == 9
     client = _client(tmp_path)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from cs2fusion.config import ModelParams, ShardParams, TrainParams, build, Params
 from cs2fusion.data.shards import TrainShards, set_files, write_shards
 from cs2fusion.training import build_state, load_optim_state, optim_state, run_epoch, train_step
 from tests.tiny import TINY
+
+pytestmark = pytest.mark.data  # real pairs from ../shared
 
 TRAIN = TrainParams(batch_size=4, lr_backbone=2e-3)
 

@@ -289,4 +289,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("winograd_head", &winograd_head, "Winograd F(4,3) head convs (see the source)");
   m.def("bf16_supported", &bf16_supported, "whether bf16 products (brgemm) run on this CPU");
   m.def("vnni_pairs", &vnni_pairs, "bf16 (..., K, N) in the layout the bf16 products read");
+  m.attr("input_channels") = CIN;
 }

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from cs2fusion.checkpoint import load_checkpoint
 from cs2fusion.config import FuseParams
 from cs2fusion.data.shards import iter_eval
-from cs2fusion.fusion import FuseOptions, Fuser
+from cs2fusion.inference.fuser import FuseOptions, Fuser
 from cs2fusion.io import write_png
 from cs2fusion.model import Backbone
 from cs2fusion.model.weights import load_published_backbone

@@ -1,0 +1,80 @@
+"""Compiled CPU kernels (here: the Winograd head), built by PyTorch's C++ extension loader into a cache keyed by the
+torch version, the CPU capability and the source's hash, so every process on a machine (CLI, Ray workers, a model
+server) loads one build. ``cs2fusion build-kernels`` builds it ahead of time. Without a C++ compiler or ninja, or
+with ``CS2FUSION_NO_KERNELS=1`` (the test override), the kernel is None and callers use library ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("winograd_head.cpp")
+DISABLE_ENV, CACHE_ENV = "CS2FUSION_NO_KERNELS", "CS2FUSION_KERNEL_CACHE"
+# Instruction sets by PyTorch's CPU capability: named levels, not -march=native, so a shared build cache never
+# hands a machine code it cannot run.
+_ARCH = {"AVX512": ["-march=x86-64-v4", "-mprefer-vector-width=512"], "AVX2": ["-march=x86-64-v3"]}
+
+
+def _build_key() -> tuple[str, Path]:
+    """(module name, build folder): a change of source, torch or CPU capability gets its own build."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    base = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cs2fusion"
+    torch_version = torch.__version__.replace("+", "_")
+    return f"cs2fusion_winograd_{capability}_{digest}", Path(base) / "kernels" / f"torch-{torch_version}" / digest
+
+
+def _missing_tool() -> str | None:
+    """What the build needs and this machine lacks, or None."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler (c++, or $CXX)"
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # the pip package; its bin/ is not on PATH when the venv is not activated
+        except ImportError:
+            return "no ninja (pip install ninja)"
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    return None
+
+
+@functools.cache
+def winograd_head() -> ModuleType | None:
+    """The module of ``winograd_head.cpp`` (built once into the cache), or None with the reason logged."""
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        log.info("compiled kernels disabled by %s: using direct convolutions", DISABLE_ENV)
+        return None
+    if missing := _missing_tool():
+        log.warning("Winograd kernel unavailable (%s): using direct convolutions", missing)
+        return None
+    from torch.utils import cpp_extension  # imports setuptools: only when a kernel is wanted
+
+    name, folder = _build_key()
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / f"{name}.so").is_file():
+        log.info("building the Winograd kernel into %s (once per machine and torch version: about a minute)", folder)
+    flags = ["-O3", "-fopenmp"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags += _ARCH.get(torch.backends.cpu.get_cpu_capability(), [])
+    try:
+        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                  build_directory=str(folder))
+    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as err:  # a failed build
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        log.warning("Winograd kernel unavailable, using direct convolutions: %s", reason)
+        return None
+
+
+def build_location() -> Path:
+    """Where this machine's build of the kernel lives (or will)."""
+    return _build_key()[1]
