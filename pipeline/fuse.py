@@ -10,9 +10,9 @@ import logging
 import os
 from pathlib import Path
 
-from cs2fusion.inference.batch import PUBLISHED, fuse_shards
 from cs2fusion.config import FuseParams
 from cs2fusion.data.shards import read_index, set_files, set_prefix
+from cs2fusion.inference.batch import PUBLISHED, fuse_shards
 from cs2fusion.io import atomic_dir
 from pipeline.common import clean_errors, parser, setup
 
