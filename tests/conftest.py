@@ -9,6 +9,12 @@ Tests of the compiled kernel skip where it cannot be built, unless ``CS2FUSION_R
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Iterator
@@ -114,8 +120,7 @@ def synth_pairs(count: int, height: int, width: int, seed: int = 0) -> list[tupl
 
 
 def free_port() -> int:
-    import socket
-
+    """A free TCP port on 127.0.0.1 for a server a test starts."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -125,12 +130,6 @@ def free_port() -> int:
 def ray_head() -> Iterator[tuple[str, Path]]:
     """One Ray head per session on 127.0.0.1 (``ray start --head``, 2 CPUs) for the tests that can share it:
     (address, its temp dir)."""
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-    import time
-
     from tests.tiny import env
 
     port = free_port()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def test_winograd_head_equals_fp64_convs(shipped_backbone, winograd_kernel, h: i
 
 
 @pytest.mark.parametrize("channels", [8, 24])
-def test_other_widths_use_the_direct_head(request, channels: int) -> None:
+def test_other_widths_use_the_direct_head(channels: int) -> None:
     """The kernel is built for 16 channels (64 features per branch): any other width gets the direct head, even
     where the kernel exists, and still equals the model's own forward."""
     torch.manual_seed(channels)
@@ -122,7 +123,7 @@ def test_kernel_override_and_missing_tools(monkeypatch: pytest.MonkeyPatch, capl
     monkeypatch.delenv(kernels.DISABLE_ENV)
     real_which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name in ("c++", "ninja") else real_which(name))
-    monkeypatch.setitem(__import__("sys").modules, "ninja", None)  # the pip package is not there either
+    monkeypatch.setitem(sys.modules, "ninja", None)  # the pip package is not there either
     with caplog.at_level(logging.WARNING):
         assert kernels.winograd_head.__wrapped__() is None
     assert "no C++ compiler" in caplog.text

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 from cs2fusion.checkpoint import load_checkpoint, save_checkpoint
 from cs2fusion.inference import Fuser
 from cs2fusion.io import read_image
-from tests.conftest import DATA, RS40
+from tests.conftest import DATA, RS40, free_port
 from tests.tiny import env
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
@@ -29,9 +28,7 @@ GOOD = {"EN": 7.0, "SD": 40.0, "SF": 12.0, "AG": 4.0, "MI": 3.0, "SCD": 1.3, "VI
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("mlflow")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
