@@ -6,14 +6,17 @@ baselines are the golden file's: ``mean`` = floor((ir + vi)/2 + 0.5) and ``max``
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from cs2fusion.data.shards import iter_eval
-from cs2fusion.io import InputError, read_image
+from cs2fusion.io import InputError, read_image, write_text
 from cs2fusion.metrics import ALL_METRICS, MAIN_METRICS, all_metrics, grey_like_reference
 
 BASELINES = {
@@ -22,20 +25,35 @@ BASELINES = {
 }
 
 
-def evaluate_set(name: str, files: list[str], fused: dict[str, Path]) -> list[dict[str, Any]]:
-    """Rows (set, method, id, metrics…) for every pair of one evaluation set, methods + trivial baselines."""
+def evaluate_pairs(name: str, pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], fused: dict[str, Path],
+                   *, baselines: bool = True, total: int | None = None) -> list[dict[str, Any]]:
+    """Rows (set, method, id, metrics…) for (id, ir, vi) source pairs: every method's ``<folder>/<id>.png``, plus
+    the trivial baselines. A missing fused image or one of another size raises, naming the file."""
     rows = []
-    for meta, ir_img, vi_img in tqdm(iter_eval(files), desc=f"evaluating {name}", unit="pair", disable=None):
+    for pair_id, ir_img, vi_img in tqdm(pairs, desc=f"evaluating {name}", unit="pair", total=total, disable=None):
         ir, vi = grey_like_reference(ir_img), grey_like_reference(vi_img)
-        candidates = {m: folder / f"{meta['id']}.png" for m, folder in fused.items()}
-        for method, path in candidates.items():
+        for method, folder in fused.items():
+            path = folder / f"{pair_id}.png"
             if not path.is_file():
-                raise InputError(f"{path}: missing fused image for {name}/{meta['id']}")
+                raise InputError(f"{path}: missing fused image for {name}/{pair_id}")
             f = grey_like_reference(read_image(path))
-            rows.append({"set": name, "method": method, "id": meta["id"], **all_metrics(f, ir, vi)})
-        for method, fn in BASELINES.items():
-            rows.append({"set": name, "method": method, "id": meta["id"], **all_metrics(fn(ir, vi), ir, vi)})
+            if f.shape != ir.shape:
+                raise InputError(f"{path}: size {f.shape[1]}x{f.shape[0]} does not match the sources "
+                                 f"({ir.shape[1]}x{ir.shape[0]})")
+            rows.append({"set": name, "method": method, "id": pair_id, **all_metrics(f, ir, vi)})
+        for method, fn in (BASELINES.items() if baselines else ()):
+            rows.append({"set": name, "method": method, "id": pair_id, **all_metrics(fn(ir, vi), ir, vi)})
     return rows
+
+
+def _shard_pairs(files: list[str]) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    for meta, ir, vi in iter_eval(files):
+        yield meta["id"], ir, vi
+
+
+def evaluate_set(name: str, files: list[str], fused: dict[str, Path]) -> list[dict[str, Any]]:
+    """:func:`evaluate_pairs` over the sources of one evaluation set's shards."""
+    return evaluate_pairs(name, _shard_pairs(files), fused)
 
 
 def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -69,3 +87,21 @@ def comparison_table(summary: dict[str, dict[str, dict[str, float]]], metrics: I
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def rows_csv(rows: list[dict[str, Any]]) -> str:
+    """Per-image rows as CSV (set, method, id, every metric)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["set", "method", "id", *ALL_METRICS])
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_tables(rows: list[dict[str, Any]], folder: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """``metrics.csv`` (per image), ``summary.json`` (means) and ``comparison.md`` into ``folder``; the summary."""
+    summary = summarize(rows)
+    write_text(folder / "metrics.csv", rows_csv(rows))
+    write_text(folder / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_text(folder / "comparison.md", comparison_table(summary))
+    return summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -13,16 +14,34 @@ from cs2fusion.config import Params, ParamsError, load_params
 from cs2fusion.io import InputError
 
 
+VERBOSE_ENV = "CS2FUSION_VERBOSE"
+NOISY_LOGGERS = ("mlflow", "matplotlib", "ray", "alembic", "urllib3", "filelock")
+
+
+def verbose() -> bool:
+    """``-v`` on a stage (or ``CS2FUSION_VERBOSE=1``): Ray's, MLflow's and the libraries' own logs come back."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
 def parser(description: str) -> argparse.ArgumentParser:
-    """An argument parser with the shared ``--params`` option."""
+    """An argument parser with the shared ``--params`` and ``-v`` options."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help=f"show Ray's, MLflow's and the libraries' logs too (or {VERBOSE_ENV}=1)")
     return p
 
 
 def setup(args: argparse.Namespace) -> Params:
-    """Logging on, params loaded."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Logging on (our lines only, unless verbose), params loaded."""
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE_ENV] = "1"  # also for the processes this stage starts
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose():
+        for name in NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its own level on import
     return load_params(args.params)
 
 

@@ -3,15 +3,13 @@ and a visual report (IR | visible | ours | published), also logged to the traini
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 from pathlib import Path
 
 from cs2fusion.checkpoint import read_meta
 from cs2fusion.data.shards import iter_eval, read_index, set_files, set_prefix
-from cs2fusion.evaluation import comparison_table, evaluate_set, summarize, wins
+from cs2fusion.evaluation import comparison_table, evaluate_set, wins, write_tables
 from cs2fusion.io import atomic_dir, read_image, write_png, write_text
 from cs2fusion.metrics import ALL_METRICS, MAIN_METRICS
 from cs2fusion.visual import grid
@@ -87,13 +85,7 @@ def main() -> None:
             samples = _samples(set_files(args.shards, name), fused, params.evaluate.report_samples)
             write_png(tmp / f"samples_{set_prefix(name)}.png", grid(samples))
             (tmp / f"samples_{set_prefix(name)}.txt").write_text("columns: IR | visible | " + " | ".join(methods))
-        summary = summarize(rows)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=["set", "method", "id", *ALL_METRICS])
-        writer.writeheader()
-        writer.writerows(rows)
-        (tmp / "metrics.csv").write_text(buf.getvalue())
-        (tmp / "comparison.md").write_text(comparison_table(summary))
+        summary = write_tables(rows, tmp)
         _bar_chart(summary, tmp / "comparison.png")
     result = {"primary_set": primary, "sets": summary}
     if "published" in summary[primary]:

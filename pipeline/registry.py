@@ -3,6 +3,8 @@ resolving ``models:/<name>@<alias>`` back to a local checkpoint for ``cs2fusion 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import tempfile
@@ -18,6 +20,18 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pip_requirements() -> list[str]:
+    """The served model's requirements: the package's own runtime dependencies (and MLflow) at the installed
+    versions (local build tags such as ``+cpu`` dropped). Given explicitly, so that MLflow does not infer them by
+    loading the model in a subprocess (about 2 minutes on 2 cores)."""
+    import re
+    from importlib import metadata
+
+    names = ["mlflow"] + [re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0] for req in metadata.requires("cs2fusion") or []
+                          if "extra ==" not in req]
+    return [f"{n}=={metadata.version(n).split('+')[0]}" for n in dict.fromkeys(names)]
+
+
 def log_pyfunc(tracker: Tracker, checkpoint: Path, name: str) -> str:
     """Logs the pyfunc model into the run and registers it; returns the new version."""
     import mlflow
@@ -25,7 +39,8 @@ def log_pyfunc(tracker: Tracker, checkpoint: Path, name: str) -> str:
     from pipeline import pyfunc_model
 
     example = {"ir": np.zeros((1, 16, 16), np.uint8), "vi": np.zeros((1, 16, 16, 3), np.uint8)}
-    with fluent_uri(tracker.uri), mlflow.start_run(run_id=tracker.run_id):
+    chatter = io.StringIO()  # MLflow prints its registry progress to stderr; our log line says the outcome
+    with fluent_uri(tracker.uri), mlflow.start_run(run_id=tracker.run_id), contextlib.redirect_stderr(chatter):
         info = mlflow.pyfunc.log_model(
             name="pyfunc",
             python_model=pyfunc_model.__file__,  # model from code: nothing is pickled
@@ -33,8 +48,10 @@ def log_pyfunc(tracker: Tracker, checkpoint: Path, name: str) -> str:
             code_paths=[str(REPO / "cs2fusion"), str(REPO / "pipeline")],
             signature=pyfunc_model.SIGNATURE,
             input_example=example,
+            pip_requirements=pip_requirements(),
             registered_model_name=name,
         )
+    log.debug("%s", chatter.getvalue().strip())
     return str(info.registered_model_version)
 
 

@@ -7,6 +7,7 @@ to an existing cluster; ``--resume`` continues a stopped run from its latest che
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,7 +28,8 @@ from cs2fusion.io import InputError, write_png, write_text
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
 from cs2fusion.training import build_state, load_optim_state, lrs, optim_state, run_epoch
 from cs2fusion.visual import grid
-from pipeline.common import clean_errors, parser, setup
+from pipeline.common import clean_errors, parser, setup, verbose
+from pipeline.progress import Board, Follower, Reporter
 
 log = logging.getLogger("pipeline.train")
 MODEL_FILE, STATE_FILE, RUN_ID_FILE = "model.safetensors", "train_state.pt", "mlflow_run_id"
@@ -108,11 +110,13 @@ def train_loop(config: dict[str, Any]) -> None:
                                          drop_last=True)
     val_files = set_files(config["shards"], tp.val_set) if tp.val_set and tracker else []
     fail_at, fail_marker = config.get("fail_at_step", 0), config.get("fail_marker", "")
+    reporter = Reporter(config.get("progress") if rank == 0 else None, epochs=tp.epochs, batch_size=tp.batch_size)
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         if fail_at and step == fail_at and rank == 0 and not Path(fail_marker).exists():
             Path(fail_marker).touch()
             raise RuntimeError(f"injected worker failure at step {step}")
+        reporter.step(step, metrics["loss/backbone"])
         if tracker and step % tp.log_every == 0:
             tracker.metrics({**metrics, **lrs(state)}, step=step)
 
@@ -124,7 +128,9 @@ def train_loop(config: dict[str, Any]) -> None:
             steps = min(steps, tp.max_steps_per_epoch)
         if steps == 0:
             raise InputError(f"too few training samples for batch {tp.batch_size} on {world} workers")
+        reporter.start_epoch(state.epoch, steps, state.step)
         means = _across_ranks(run_epoch(state, loader, tp, steps=steps, device=device, on_step=on_step), world)
+        reporter.end_epoch(means)
         metrics = {**{f"epoch/{k}": v for k, v in means.items()}, **lrs(state), "epoch": state.epoch,
                    "step": state.step}
         with tempfile.TemporaryDirectory() as folder:
@@ -169,6 +175,9 @@ def fit(params: Params, *, shards: Path, out: Path, metrics_out: Path | None, ro
     from pipeline.mlflow_adapter import Tracker, artifact_location, git_commit, new_run, tracking_uri
 
     tp = params.train
+    if tp.init_from:  # Ray workers run in another folder
+        params = dataclasses.replace(params, train=dataclasses.replace(tp, init_from=str(Path(tp.init_from).resolve())))
+        tp = params.train
     storage = Path(tp.storage_path).resolve()
     run_dir = storage / tp.run_name
     uri = tracking_uri(params.tracking, root)
@@ -187,7 +196,11 @@ def fit(params: Params, *, shards: Path, out: Path, metrics_out: Path | None, ro
               "run_id": tracker.run_id, "fail_at_step": int(os.environ.get("CS2FUSION_FAIL_AT_STEP", "0")),
               "fail_marker": os.environ.get("CS2FUSION_FAIL_MARKER", str(run_dir / "failed_once"))}
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+        # Workers' and Ray's own output reach this terminal only when verbose; their errors always do (fit raises).
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=verbose(),
+                 logging_level=logging.INFO if verbose() else logging.WARNING)
+    board = ray.remote(num_cpus=0)(Board).remote()
+    config["progress"] = board
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
@@ -199,7 +212,8 @@ def fit(params: Params, *, shards: Path, out: Path, metrics_out: Path | None, ro
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     try:
-        result = trainer.fit()
+        with Follower(board):
+            result = trainer.fit()
     except Exception:
         tracker.finish("FAILED")
         raise

@@ -124,3 +124,116 @@ def test_default_model_is_shipped_with_a_card(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     for vi in (demo / "vi").iterdir():
         assert read_image(tmp_path / "out" / vi.name).shape == read_image(vi).shape
+
+
+def _synth(tmp_path: Path, pairs: int = 2) -> Path:
+    demo = tmp_path / "demo"
+    assert CliRunner().invoke(app, ["synth", "--out", str(demo), "--pairs", str(pairs), "--width", "64",
+                                    "--height", "48"]).exit_code == 0
+    return demo
+
+
+def test_fuse_one_pair_and_bf16_match_the_library(tmp_path: Path) -> None:
+    from cs2fusion.inference import FuseOptions, Fuser
+    from cs2fusion.checkpoint import load_checkpoint
+    from cs2fusion.pretrained import DEFAULT_MODEL
+
+    demo = _synth(tmp_path)
+    ir, vi = demo / "ir" / "demo001.png", demo / "vi" / "demo001.png"
+    backbone = load_checkpoint(DEFAULT_MODEL).backbone
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"{precision}.png"
+        result = CliRunner().invoke(app, ["fuse", "--ir", str(ir), "--vi", str(vi), "--out", str(out), "--device",
+                                          "cpu", "--precision", precision, "--threads", "1"])
+        assert result.exit_code == 0, result.output
+        expected = Fuser(backbone, options=FuseOptions(precision=precision)).fuse(vis=read_image(vi), ir=read_image(ir))
+        assert np.array_equal(read_image(out), expected), precision
+        assert [p.name for p in tmp_path.glob(f"*{precision}*")] == [f"{precision}.png"]  # no temp files left
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--precision", "fp8"], "fp8"),
+    (["--device", "tpu"], "tpu"),
+    (["--tile", "-1"], "--tile"),
+])
+def test_fuse_refuses_bad_option_values(args: list[str], named: str, tmp_path: Path) -> None:
+    demo = _synth(tmp_path)
+    result = CliRunner().invoke(app, ["fuse", "--ir", str(demo / "ir"), "--vi", str(demo / "vi"), "--out",
+                                      str(tmp_path / "out"), *args])
+    assert result.exit_code == 2 and named in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is visible")
+def test_fuse_on_cuda_without_a_gpu_is_one_line(tmp_path: Path) -> None:
+    demo = _synth(tmp_path)
+    result = CliRunner().invoke(app, ["fuse", "--ir", str(demo / "ir"), "--vi", str(demo / "vi"), "--out",
+                                      str(tmp_path / "out"), "--device", "cuda"])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        line for line in result.output.strip().splitlines() if line.startswith("error:")], result.output
+    assert "cuda" in result.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("into", ["vi", "ir", "vi/sub"])
+def test_fuse_never_writes_over_its_sources(into: str, tmp_path: Path) -> None:
+    demo = _synth(tmp_path)
+    before = {p: p.read_bytes() for p in demo.rglob("*.png")}
+    result = CliRunner().invoke(app, ["fuse", "--ir", str(demo / "ir"), "--vi", str(demo / "vi"), "--out",
+                                      str(demo / into)])
+    assert result.exit_code == 2 and "overwrite" in result.output, result.output
+    assert {p: p.read_bytes() for p in demo.rglob("*.png")} == before
+
+
+def test_fuse_pair_api(tmp_path: Path) -> None:
+    import cs2fusion
+    from cs2fusion.io import InputError
+
+    demo = _synth(tmp_path)
+    ir, vi = demo / "ir" / "demo002.png", demo / "vi" / "demo002.png"
+    out = tmp_path / "cli.png"
+    assert CliRunner().invoke(app, ["fuse", "--ir", str(ir), "--vi", str(vi), "--out", str(out)]).exit_code == 0
+    assert np.array_equal(cs2fusion.fuse_pair(read_image(ir), read_image(vi)), read_image(out))
+    assert np.array_equal(cs2fusion.fuse_pair(ir, vi), read_image(out))
+    with pytest.raises(InputError, match="uint8"):
+        cs2fusion.fuse_pair(read_image(ir).astype(np.float32), read_image(vi))
+
+
+@pytest.mark.data
+def test_evaluate_reproduces_the_reference_evaluator(tmp_path: Path) -> None:
+    """The paper's own outputs and the trivial fusions on the 40 RoadScene pairs: the golden means to 1e-3."""
+    import json
+
+    from tests.conftest import GOLDEN
+
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["evaluate", "--ir", str(RS40 / "ir"), "--vi", str(RS40 / "vi"), "--fused",
+                                      f"published={RS40 / 'fused_published'}", "--out", str(out), "--grid", "2"])
+    assert result.exit_code == 0, result.output
+    assert "| published |" in result.output and "| max |" in result.output
+    summary = json.loads((out / "summary.json").read_text())["cs2fusion_roadscene40"]
+    golden = json.loads((GOLDEN / "cs2fusion_roadscene40.json").read_text())["methods"]
+    for method in ("published", "mean", "max"):
+        assert summary[method]["n"] == 40
+        for metric, gold in golden[method]["mean"].items():
+            assert summary[method][metric] == pytest.approx(gold, rel=1e-3), (method, metric)
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 * 40 and rows[0].startswith("set,method,id,EN")
+    assert read_image(out / "grid.png").ndim == 3 and (out / "comparison.md").is_file()
+
+
+def test_evaluate_names_a_missing_or_mismatched_fused_image(tmp_path: Path) -> None:
+    demo = _synth(tmp_path, pairs=3)
+    fused = tmp_path / "fused"
+    assert CliRunner().invoke(app, ["fuse", "--ir", str(demo / "ir"), "--vi", str(demo / "vi"), "--out",
+                                    str(fused)]).exit_code == 0
+    ok = CliRunner().invoke(app, ["evaluate", "--ir", str(demo / "ir"), "--vi", str(demo / "vi"), "--fused",
+                                  str(fused), "--no-baselines"])
+    assert ok.exit_code == 0 and "| fused |" in ok.output and "| max |" not in ok.output, ok.output
+    (fused / "demo003.png").unlink()
+    for named in ("demo003.png", "demo002.png"):
+        result = CliRunner().invoke(app, ["evaluate", "--ir", str(demo / "ir"), "--vi", str(demo / "vi"),
+                                          "--fused", f"ours={fused}", "--out", str(tmp_path / "rep")])
+        assert result.exit_code == 2 and named in result.output, result.output
+        assert not (tmp_path / "rep").exists()
+        shutil.copy(demo / "ir" / "demo003.png", fused / "demo003.png")  # the next round: only a size mismatch
+        Image.fromarray(np.zeros((10, 10), np.uint8)).save(fused / "demo002.png")

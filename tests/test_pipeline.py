@@ -52,15 +52,18 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_dvc_repro_end_to_end(project: Path) -> None:
-    out = _run(project, "dvc", "repro")
+    out = _run(project, "dvc", "repro", "dvc.yaml")
     for stage in ("synth", "prepare", "shard", "train", "fuse", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out, stage
+    for noise in ("PlacementGroupCleaner", "TrainingReport(", "UserWarning", "Warning:", "Traceback"):
+        assert noise not in out, f"{noise!r} in the output:\n{out[-4000:]}"
+    assert "epoch 1/1: loss/backbone" in out  # the driver's progress (a live bar on a terminal, lines here)
     evaluation = json.loads((project / "metrics" / "evaluate.json").read_text())
     assert set(evaluation["sets"]["tno/test"]) == {"ours", "published", "mean", "max"}
     assert len(list((project / "fused" / "ours" / "tno-test").glob("*.png"))) == 10
     assert json.loads((project / "metrics" / "register.json").read_text())["promoted"] is True
 
-    again = _run(project, "dvc", "repro")
+    again = _run(project, "dvc", "repro", "dvc.yaml")
     assert "Running stage" not in again  # nothing to do
 
     # an edit to a shared base module (the colour conversion) makes every stage that imports it stale

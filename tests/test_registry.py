@@ -48,7 +48,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     proc.wait(timeout=30)
 
 
-def _register(uri: str, checkpoint: Path, evaluation: dict, tmp: Path) -> dict:
+def _register(uri: str, checkpoint: Path, evaluation: dict, tmp: Path, name: str = NAME) -> dict:
     from pipeline.mlflow_adapter import new_run
     from pipeline.registry import register
 
@@ -56,7 +56,7 @@ def _register(uri: str, checkpoint: Path, evaluation: dict, tmp: Path) -> dict:
     model = tmp / f"{tracker.run_id}.safetensors"
     ckpt = load_checkpoint(checkpoint)
     save_checkpoint(model, ckpt.backbone, mlflow_run_id=tracker.run_id)
-    return register(tracker, model, name=NAME, evaluation=evaluation, gate_metrics=list(GOOD), min_wins=5,
+    return register(tracker, model, name=name, evaluation=evaluation, gate_metrics=list(GOOD), min_wins=5,
                     card="# test card", tags={"mlflow_run_id": tracker.run_id})
 
 
@@ -131,3 +131,41 @@ def test_register_gate_and_fresh_process_load(server: str, published_ckpt: Path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = fuser.fuse(vis=read_image(RS40 / "vi" / "1.png"), ir=read_image(RS40 / "ir" / "1.png"))
     assert np.array_equal(read_image(tmp_path / "cli" / "1.png"), expected)
+
+
+def test_rest_serving_of_the_champion(server: str, published_ckpt: Path, tmp_path: Path) -> None:
+    """``mlflow models serve -m models:/<name>@champion`` in a fresh process answers POST /invocations with the
+    fused image of a real colour pair, equal to the library's (the README's curl example, in Python)."""
+    name = "cs2fusion-serve-test"
+    assert _register(server, published_ckpt, GOOD, tmp_path, name=name)["promoted"]
+    port, log_file = free_port(), tmp_path / "serve.log"
+    start = time.time()
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+                                 f"models:/{name}@champion", "--env-manager", "local", "--host", "127.0.0.1",
+                                 "--port", str(port), "--workers", "1"],
+                                cwd=tmp_path, env=env(MLFLOW_TRACKING_URI=server), stdout=log, stderr=log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < start + 180, log_file.read_text()[-3000:]
+                time.sleep(1)
+        up = time.time() - start
+        ir, vi = read_image(RS40 / "ir" / "1.png"), read_image(RS40 / "vi" / "1.png")
+        body = json.dumps({"inputs": {"ir": ir[None].tolist(), "vi": vi[None].tolist()}}).encode()
+        request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+        t0 = time.time()
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        took = time.time() - t0
+        fused = np.asarray(answer["predictions"], dtype=np.uint8)[0]
+        expected = Fuser(load_checkpoint(published_ckpt).backbone).fuse(vis=vi, ir=ir)
+        assert np.array_equal(fused, expected)
+        print(f"server up in {up:.1f} s, one {ir.shape[1]}x{ir.shape[0]} pair in {took:.2f} s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

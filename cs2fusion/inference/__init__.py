@@ -2,10 +2,11 @@
 (direct convs or the compiled Winograd kernel, chosen once), exact tiling, and batch fusion of shards.
 
 Layout: ``fuser`` (public API) → ``graph`` (encoders, gates, decoder) → ``heads`` (decoder conv 1 + DDM queries)
-→ ``convs`` / ``kernels`` (the ops); ``tiling`` and ``buffers`` are helpers; ``batch`` fuses shards to PNGs.
+→ ``convs`` / ``kernels`` (the ops); ``tiling`` and ``buffers`` are helpers; ``batch`` fuses shards to PNGs;
+``api`` is the one-call :func:`~cs2fusion.inference.api.fuse_pair`.
 """
 
-from cs2fusion.inference.fuser import FuseOptions, Fuser
+from cs2fusion.inference.fuser import PRECISIONS, FuseOptions, Fuser
 from cs2fusion.inference.graph import InferenceGraph
 
-__all__ = ["FuseOptions", "Fuser", "InferenceGraph"]
+__all__ = ["PRECISIONS", "FuseOptions", "Fuser", "InferenceGraph"]

@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -21,6 +22,7 @@ import torch
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("winograd_head.cpp")
 DISABLE_ENV, CACHE_ENV = "CS2FUSION_NO_KERNELS", "CS2FUSION_KERNEL_CACHE"
+STALE_LOCK_S = 900  # a build takes about a minute; a lock this old belongs to no live build
 # Instruction sets by PyTorch's CPU capability: named levels, not -march=native, so a shared build cache never
 # hands a machine code it cannot run.
 _ARCH = {"AVX512": ["-march=x86-64-v4", "-mprefer-vector-width=512"], "AVX2": ["-march=x86-64-v3"]}
@@ -33,6 +35,18 @@ def _build_key() -> tuple[str, Path]:
     base = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cs2fusion"
     torch_version = torch.__version__.replace("+", "_")
     return f"cs2fusion_winograd_{capability}_{digest}", Path(base) / "kernels" / f"torch-{torch_version}" / digest
+
+
+def _source_in(folder: Path) -> Path:
+    """The source, copied into its (content-addressed) build folder: the build command then names the same file
+    whichever copy of the package asks (a checkout, an MLflow model's code folder), so ninja never rebuilds."""
+    target = folder / SOURCE.name
+    text = SOURCE.read_bytes()
+    if not target.is_file() or target.read_bytes() != text:
+        tmp = folder / f".{SOURCE.name}.{os.getpid()}.tmp"
+        tmp.write_bytes(text)
+        os.replace(tmp, target)
+    return target
 
 
 def _missing_tool() -> str | None:
@@ -61,13 +75,18 @@ def winograd_head() -> ModuleType | None:
 
     name, folder = _build_key()
     folder.mkdir(parents=True, exist_ok=True)
+    source = _source_in(folder)
+    lock = folder / "lock"  # torch's build lock: a build killed midway leaves it, and every later load would wait
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        log.warning("removing a stale build lock %s (left by an interrupted build)", lock)
+        lock.unlink(missing_ok=True)
     if not (folder / f"{name}.so").is_file():
         log.info("building the Winograd kernel into %s (once per machine and torch version: about a minute)", folder)
     flags = ["-O3", "-fopenmp"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         flags += _ARCH.get(torch.backends.cpu.get_cpu_capability(), [])
     try:
-        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        return cpp_extension.load(name, [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                   build_directory=str(folder))
     except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as err:  # a failed build
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
