@@ -40,15 +40,10 @@ def _resolve_model(model: str) -> Path:
     return Path(model)
 
 
-class Device(str, enum.Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Precision(str, enum.Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
+# Choices for typer: the same as cs2fusion.inference's DEVICES and PRECISIONS (a test checks), written out so that
+# the command line does not import torch before it is needed.
+Device = enum.Enum("Device", {d: d for d in ("auto", "cpu", "cuda")}, type=str)
+Precision = enum.Enum("Precision", {p: p for p in ("fp32", "bf16")}, type=str)
 
 
 def _refuse_aliasing(out: Path, *sources: Path) -> None:
@@ -145,7 +140,7 @@ def evaluate(
             name = name if sep else path.resolve().name
             if not path.is_dir():
                 raise InputError(f"{path}: not a folder (--fused {spec})")
-            if name in methods or name in ("mean", "max") and baselines:
+            if name in methods or (baselines and name in ("mean", "max")):
                 raise InputError(f"--fused {spec}: the method name {name!r} is taken")
             methods[name] = path
         pairs = find_pairs(ir, vi)

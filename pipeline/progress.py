@@ -77,7 +77,9 @@ class Follower:
 
         bar, logged = None, 0
         try:
-            while not self.stop_event.wait(self.interval_s):
+            stopped = False
+            while not stopped:  # one last read after the stop: the final epoch's line is never lost
+                stopped = self.stop_event.wait(self.interval_s)
                 try:
                     rec = ray.get(self.board.read.remote(), timeout=30)
                 except Exception:  # the actor is gone with the cluster: the trainer reports the real error

@@ -237,3 +237,11 @@ def test_evaluate_names_a_missing_or_mismatched_fused_image(tmp_path: Path) -> N
         assert not (tmp_path / "rep").exists()
         shutil.copy(demo / "ir" / "demo003.png", fused / "demo003.png")  # the next round: only a size mismatch
         Image.fromarray(np.zeros((10, 10), np.uint8)).save(fused / "demo002.png")
+
+
+def test_cli_choices_are_the_library_s() -> None:
+    from cs2fusion import cli
+    from cs2fusion.inference import PRECISIONS
+    from cs2fusion.inference.api import DEVICES
+
+    assert [d.value for d in cli.Device] == list(DEVICES) and [p.value for p in cli.Precision] == list(PRECISIONS)
