@@ -241,7 +241,6 @@ def test_evaluate_names_a_missing_or_mismatched_fused_image(tmp_path: Path) -> N
 
 def test_cli_choices_are_the_library_s() -> None:
     from cs2fusion import cli
-    from cs2fusion.inference import PRECISIONS
-    from cs2fusion.inference.api import DEVICES
+    from cs2fusion.inference import DEVICES, PRECISIONS
 
     assert [d.value for d in cli.Device] == list(DEVICES) and [p.value for p in cli.Precision] == list(PRECISIONS)

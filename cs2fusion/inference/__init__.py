@@ -6,7 +6,7 @@ Layout: ``fuser`` (public API) → ``graph`` (encoders, gates, decoder) → ``he
 ``api`` is the one-call :func:`~cs2fusion.inference.api.fuse_pair`.
 """
 
-from cs2fusion.inference.fuser import PRECISIONS, FuseOptions, Fuser
+from cs2fusion.inference.fuser import DEVICES, PRECISIONS, FuseOptions, Fuser, resolve_device
 from cs2fusion.inference.graph import InferenceGraph
 
-__all__ = ["PRECISIONS", "FuseOptions", "Fuser", "InferenceGraph"]
+__all__ = ["DEVICES", "PRECISIONS", "FuseOptions", "Fuser", "InferenceGraph", "resolve_device"]

@@ -7,27 +7,12 @@ import functools
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cs2fusion.checkpoint import load_checkpoint
 from cs2fusion.data.pairs import Pair, load_pair
-from cs2fusion.inference.fuser import FuseOptions, Fuser
+from cs2fusion.inference.fuser import FuseOptions, Fuser, resolve_device
 from cs2fusion.io import InputError
 from cs2fusion.pretrained import DEFAULT_MODEL
-
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → the GPU where one is visible, else the CPU; ``cuda`` without a GPU raises InputError."""
-    if device not in DEVICES:
-        raise InputError(f"device {device!r} is not one of {', '.join(DEVICES)}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device cuda: no CUDA GPU is visible to torch {torch.__version__}")
-    return torch.device(device)
-
 
 @functools.lru_cache(maxsize=4)
 def open_fuser(model: str | Path = DEFAULT_MODEL, *, device: str = "auto",

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from cs2fusion.checkpoint import load_checkpoint
 from cs2fusion.config import FuseParams
 from cs2fusion.data.shards import iter_eval
-from cs2fusion.inference.fuser import FuseOptions, Fuser
+from cs2fusion.inference.fuser import FuseOptions, Fuser, resolve_device
 from cs2fusion.io import write_png
 from cs2fusion.model import Backbone
 from cs2fusion.model.weights import load_published_backbone
@@ -29,7 +29,7 @@ def load_backbone(spec: str) -> Backbone:
     return load_checkpoint(spec).backbone
 
 
-def make_fuser(spec: str, params: FuseParams, device: str = "cpu") -> Fuser:
+def make_fuser(spec: str, params: FuseParams, device: str | torch.device = "cpu") -> Fuser:
     """The fast-path fuser configured by the ``fuse`` params."""
     if params.threads:
         torch.set_num_threads(params.threads)
@@ -40,7 +40,7 @@ def make_fuser(spec: str, params: FuseParams, device: str = "cpu") -> Fuser:
 
 def fuse_shards(spec: str, files: list[str], out: Path, params: FuseParams, *, progress: bool = True) -> int:
     """Fuses every sample of ``files`` into ``out/<id>.png``; returns the count."""
-    fuser = make_fuser(spec, params, "cuda" if torch.cuda.is_available() else "cpu")
+    fuser = make_fuser(spec, params, resolve_device("auto"))
     count = 0
     for meta, ir, vi in tqdm(iter_eval(files), desc=f"fusing {out.name}", unit="pair", disable=not progress or None):
         write_png(out / f"{meta['id']}.png", fuser.fuse(vis=vi, ir=ir))

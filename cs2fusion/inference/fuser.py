@@ -18,6 +18,18 @@ from cs2fusion.io import InputError
 from cs2fusion.model import Backbone
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → the GPU where one is visible, else the CPU; ``cuda`` without a GPU raises InputError."""
+    if device not in DEVICES:
+        raise InputError(f"device {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device cuda: no CUDA GPU is visible to torch {torch.__version__}")
+    return torch.device(device)
 
 
 @dataclasses.dataclass(frozen=True)
