@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from cs2fusion.config import ModelParams, build
+from cs2fusion.config import ModelParams, ParamsError, build
 from cs2fusion.io import InputError, atomic_path
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
 
@@ -75,7 +75,12 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise InputError(f"{path}: not a cs2fusion checkpoint ({err})") from None
     if raw is None:
         raise InputError(f"{path}: safetensors file without cs2fusion metadata")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError as err:
+        raise InputError(f"{path}: cs2fusion metadata is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise InputError(f"{path}: cs2fusion metadata without its model block")
     checks = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -94,19 +99,39 @@ def load_checkpoint(path: str | Path, *, with_cpn: bool = False) -> Checkpoint:
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint")
     meta = read_meta(path)
-    params = build(ModelParams, meta["model"], where=f"{path}:model")
-    tensors = load_file(str(path))
-    backbone = Backbone(params)
-    backbone.load_state_dict(_section(tensors, "backbone."), strict=True)
+    try:
+        params = build(ModelParams, meta["model"], where=f"{path}: model")
+    except ParamsError as err:
+        raise InputError(str(err)) from None
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise InputError(f"{path}: unreadable tensors ({err})") from None
+    backbone = _filled(Backbone(params), tensors, "backbone.", path)
     backbone.eval()
     cpn = None
     if with_cpn:
         if not meta.get("has_cpn"):
             raise InputError(f"{path}: holds no CPN weights")
-        cpn = CompensationPerceptionNetwork(params)
-        cpn.load_state_dict(_section(tensors, "cpn."), strict=True)
+        cpn = _filled(CompensationPerceptionNetwork(params), tensors, "cpn.", path)
     return Checkpoint(backbone, cpn, meta)
 
 
-def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+def _filled(net: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> Any:
+    """``net`` with the ``prefix`` tensors loaded strictly: every name, shape and dtype as built, all finite."""
+    section = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    expected = net.state_dict()
+    missing, extra = sorted(set(expected) - set(section)), sorted(set(section) - set(expected))
+    if missing or extra:
+        raise InputError(f"{path}: {prefix.rstrip('.')} tensors do not match the architecture in its metadata "
+                         f"(missing {missing[:3]}{'…' if len(missing) > 3 else ''}, unexpected "
+                         f"{extra[:3]}{'…' if len(extra) > 3 else ''})")
+    for name, want in expected.items():
+        got = section[name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise InputError(f"{path}: tensor {prefix}{name} is {got.dtype} {tuple(got.shape)}, the architecture in "
+                             f"its metadata needs {want.dtype} {tuple(want.shape)}")
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            raise InputError(f"{path}: tensor {prefix}{name} holds NaN or infinite values")
+    net.load_state_dict(section, strict=True)
+    return net

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 import typer
 from tqdm import tqdm
 
-from cs2fusion.io import InputError
+from cs2fusion.io import InputError, check_writable_folder, refuse_aliasing
 from cs2fusion.pretrained import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -19,6 +20,10 @@ log = logging.getLogger("cs2fusion")
 
 
 def _fail(err: Exception) -> None:
+    log.debug("details", exc_info=err)  # the traceback with -v
+    if isinstance(err, OSError):
+        names = [str(n) for n in (err.filename, err.filename2) if n]
+        err = f"{' -> '.join(names) or 'I/O'}: {err.strerror or err}"
     typer.echo(f"error: {err}", err=True)
     raise typer.Exit(2)
 
@@ -31,8 +36,14 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 def _resolve_model(model: str) -> Path:
     """A checkpoint path, or a registry/run URI resolved through the MLflow adapter."""
     if model.startswith(("models:/", "runs:/")):
-        from pipeline.registry import resolve_checkpoint  # the thin MLflow adapter, only when asked for
+        from pipeline.mlflow_adapter import check_reachable, quick_http  # the thin MLflow adapter, only when asked
+        from pipeline.registry import resolve_checkpoint
 
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if not uri and not Path("mlflow.db").is_file():  # MLflow would create an empty store here
+            raise InputError(f"{model}: no registry to ask; set MLFLOW_TRACKING_URI (or run where mlflow.db is)")
+        check_reachable(uri)
+        quick_http()
         try:
             return resolve_checkpoint(model)
         except Exception as err:  # MLflow raises many kinds; the user needs one line
@@ -44,15 +55,6 @@ def _resolve_model(model: str) -> Path:
 # the command line does not import torch before it is needed.
 Device = enum.Enum("Device", {d: d for d in ("auto", "cpu", "cuda")}, type=str)
 Precision = enum.Enum("Precision", {p: p for p in ("fp32", "bf16")}, type=str)
-
-
-def _refuse_aliasing(out: Path, *sources: Path) -> None:
-    """Outputs never overwrite or land inside the inputs (symlinks followed)."""
-    target = out.resolve()
-    for src in sources:
-        s = src.resolve()
-        if target == s or (s.is_dir() and target.is_relative_to(s)):
-            raise InputError(f"{out}: the output would overwrite the input {src}; choose another --out")
 
 
 @app.command()
@@ -84,11 +86,16 @@ def fuse(
                 raise InputError(f"{vi if ir.is_file() else ir}: give --ir and --vi both as files or both as folders")
             if out.suffix.lower() != ".png":
                 raise InputError(f"{out}: the output of one pair is a .png file")
+            if out.is_dir():
+                raise InputError(f"{out}: is a folder; the output of one pair is a .png file")
+            refuse_aliasing(out, ir, vi, may_hold_sources=True)
+            check_writable_folder(out.parent)
             pairs, outputs = [Pair(vi.stem, ir, vi)], [out]
         else:
             pairs = find_pairs(ir, vi)
+            refuse_aliasing(out, ir, vi, may_hold_sources=True)
+            check_writable_folder(out)
             outputs = [out / f"{pair.id}.png" for pair in pairs]
-        _refuse_aliasing(out, ir, vi)
         for pair in tqdm(pairs, desc="checking", unit="pair", disable=None, leave=False):
             load_pair(pair)
         if threads:
@@ -97,12 +104,20 @@ def fuse(
             torch.set_num_threads(threads)
         options = FuseOptions(precision=precision.value, tile=tile, max_pixels=max_pixels)
         fuser = open_fuser(_resolve_model(model), device=device.value, options=options)
-        pixels = 0
-        for pair, path in zip(tqdm(pairs, desc="fusing", unit="pair", disable=None, leave=False), outputs):
-            ir_img, vi_img = load_pair(pair)
-            write_png(path, fuser.fuse(vis=vi_img, ir=ir_img))
-            pixels += ir_img.size
-    except InputError as err:
+        pixels, created = 0, []
+        try:
+            for pair, path in zip(tqdm(pairs, desc="fusing", unit="pair", disable=None, leave=False), outputs):
+                ir_img, vi_img = load_pair(pair)
+                new = not path.exists()
+                write_png(path, fuser.fuse(vis=vi_img, ir=ir_img))
+                if new:
+                    created.append(path)
+                pixels += ir_img.size
+        except OSError:  # no space, a vanished folder: leave no partial run behind
+            for path in created:
+                path.unlink(missing_ok=True)
+            raise
+    except (InputError, OSError) as err:
         _fail(err)
     seconds = time.perf_counter() - start
     log.info("fused %d pair%s (%.2f Mpx) in %.1f s on %s, %s: %s", len(pairs), "s" * (len(pairs) != 1),
@@ -152,12 +167,12 @@ def evaluate(
             picture = make_grid([[*load_pair(p), *(read_image(f / f"{p.id}.png") for f in methods.values())]
                                  for p in pairs[:grid]])
         if out:
-            _refuse_aliasing(out, ir, vi, *methods.values())
+            refuse_aliasing(out, ir, vi, *methods.values(), may_hold_sources=True)
             out.mkdir(parents=True, exist_ok=True)
             write_tables(rows, out)
             if picture is not None:
                 write_png(out / "grid.png", picture)
-    except InputError as err:
+    except (InputError, OSError) as err:
         _fail(err)
     typer.echo(comparison_table(summarize(rows)))
     if out:

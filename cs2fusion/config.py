@@ -15,6 +15,17 @@ from typing import Any, Literal
 import yaml
 
 
+class ParamsError(ValueError):
+    """A parameter file that does not match the typed configuration."""
+
+
+def _require(checks: dict[str, bool]) -> None:
+    """Raises ParamsError naming the first field whose check is false (ranges the types cannot express)."""
+    for name, ok in checks.items():
+        if not ok:
+            raise ParamsError(f"{name}: out of range")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelParams:
     """Architecture of the backbone and the CPN (defaults = the published CS2Fusion)."""
@@ -26,6 +37,10 @@ class ModelParams:
     # "batch": over the whole batch tensor, as the original release does.
     norm_scope: Literal["sample", "batch"] = "sample"
 
+    def __post_init__(self) -> None:
+        _require({"channels (>= 1)": self.channels >= 1, "input_scale (> 0)": self.input_scale > 0,
+                           "negative_slope (>= 0)": self.negative_slope >= 0})
+
 
 @dataclasses.dataclass(frozen=True)
 class ImpairParams:
@@ -35,6 +50,10 @@ class ImpairParams:
     min_frac: float = 0.1
     max_frac: float = 0.3
     fill: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require({"regions (>= 0)": self.regions >= 0,
+                  "min_frac, max_frac (0 <= min_frac <= max_frac <= 1)": 0 <= self.min_frac <= self.max_frac <= 1})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +65,10 @@ class SynthParams:
     width: int = 160
     height: int = 128
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require({"pairs (>= 1)": self.pairs >= 1, "width (>= 16)": self.width >= 16,
+                           "height (>= 16)": self.height >= 16})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +115,12 @@ class ShardParams:
     shard_multiple: int = 4
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _require({"patch_size (>= 8)": self.patch_size >= 8, "stride (>= 1)": self.stride >= 1,
+                           "max_patches_per_image (>= 0)": self.max_patches_per_image >= 0,
+                           "max_samples_per_shard (>= 1)": self.max_samples_per_shard >= 1,
+                           "shard_multiple (>= 1)": self.shard_multiple >= 1})
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainParams:
@@ -99,10 +128,15 @@ class TrainParams:
 
     ``batch_size`` is the global batch, split evenly over ``num_workers`` (the contrastive similarity matrices
     are computed per worker, over its local batch). ``max_steps_per_epoch`` (0 = the full epoch) shortens runs.
-    ``init_from`` starts the backbone (and CPN, if stored) from a cs2fusion checkpoint.
+    ``init_from`` starts the backbone (and CPN, if stored) from a cs2fusion checkpoint. ``resume``: ``auto``
+    continues the run in ``storage_path/run_name`` from its latest checkpoint when its params and shards are the
+    same (else that folder is moved aside, never deleted), ``never`` moves it aside, ``must`` fails without one.
+    ``tracking_patience_s``: how long a finished run waits for an unreachable tracking server before it writes
+    the unsent metrics beside its checkpoints.
     """
 
     epochs: int = 20
+    resume: Literal["auto", "never", "must"] = "auto"
     batch_size: int = 16
     lr_backbone: float = 2e-3
     lr_cpn: float = 2e-4
@@ -131,6 +165,23 @@ class TrainParams:
     log_every: int = 10
     val_set: str = ""
     val_samples: int = 4
+    tracking_patience_s: int = 600
+
+    def __post_init__(self) -> None:
+        _require({
+            "epochs (>= 1)": self.epochs >= 1, "batch_size (>= 1)": self.batch_size >= 1,
+            "lr_backbone (> 0)": self.lr_backbone > 0, "lr_cpn (> 0)": self.lr_cpn > 0,
+            "betas (two values in [0, 1))": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "gamma (> 0)": self.gamma > 0, "max_steps_per_epoch (>= 0)": self.max_steps_per_epoch >= 0,
+            "shuffle_buffer (>= 1)": self.shuffle_buffer >= 1, "loader_workers (>= 0)": self.loader_workers >= 0,
+            "num_workers (>= 1)": self.num_workers >= 1, "cpus_per_worker (> 0)": self.cpus_per_worker > 0,
+            "threads_per_worker (>= 1)": self.threads_per_worker >= 1, "max_failures (>= -1)": self.max_failures >= -1,
+            "checkpoint_every (>= 1)": self.checkpoint_every >= 1, "log_every (>= 1)": self.log_every >= 1,
+            "collective_timeout_s (>= 1)": self.collective_timeout_s >= 1, "val_samples (>= 0)": self.val_samples >= 0,
+            "tracking_patience_s (>= 0)": self.tracking_patience_s >= 0,
+            "batch_size (a multiple of num_workers)": self.num_workers < 1 or self.batch_size % self.num_workers == 0,
+            "storage_path (not empty)": bool(self.storage_path), "run_name (a plain name)": _plain(self.run_name),
+        })
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +201,10 @@ class FuseParams:
     winograd: bool = True
     threads: int = 0
 
+    def __post_init__(self) -> None:
+        _require({"tile (0 or >= 16)": self.tile == 0 or self.tile >= 16,
+                          "max_pixels (>= 1)": self.max_pixels >= 1, "threads (>= 0)": self.threads >= 0})
+
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateParams:
@@ -157,6 +212,17 @@ class EvaluateParams:
 
     primary_set: str = ""
     report_samples: int = 4
+
+    def __post_init__(self) -> None:
+        _require({"report_samples (>= 0)": self.report_samples >= 0})
+
+
+# The main metrics (cs2fusion.metrics.MAIN_METRICS, a test checks): higher is better for each.
+GATE_METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")
+
+
+def _plain(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +234,17 @@ class RegisterParams:
     """
 
     model_name: str = "cs2fusion"
-    gate_metrics: tuple[str, ...] = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")
+    gate_metrics: tuple[str, ...] = GATE_METRICS
     min_wins: int = 5
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.gate_metrics) - set(GATE_METRICS))
+        if unknown or not self.gate_metrics:
+            raise ParamsError(f"register.gate_metrics: {unknown or 'empty'}; choose from {list(GATE_METRICS)} "
+                              "(higher is better for each)")
+        _require({f"min_wins (1 to {len(self.gate_metrics)}, the number of gate_metrics)":
+                              1 <= self.min_wins <= len(self.gate_metrics),
+                              "model_name (not empty)": bool(self.model_name)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,9 +270,16 @@ class Params:
     register: RegisterParams = dataclasses.field(default_factory=RegisterParams)
     tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
 
+    def __post_init__(self) -> None:
+        """Names that refer to other sections must exist there: caught here, not inside Ray workers."""
+        evaluated = set(self.shard.eval)
+        if self.train.val_set and self.train.val_set not in evaluated:
+            raise ParamsError(f"train.val_set: {self.train.val_set!r} is not one of shard.eval {sorted(evaluated)}")
+        if self.evaluate.primary_set and self.evaluate.primary_set not in evaluated:
+            raise ParamsError(f"evaluate.primary_set: {self.evaluate.primary_set!r} is not one of shard.eval "
+                              f"{sorted(evaluated)}")
 
-class ParamsError(ValueError):
-    """A parameter file that does not match the typed configuration."""
+
 
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
@@ -253,13 +335,25 @@ def build(cls: type, data: dict[str, Any], where: str = "params") -> Any:
     if unknown:
         raise ParamsError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
     kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ParamsError as err:
+        raise ParamsError(f"{where}: {err}") from None
 
 
 def load_params(path: str | Path) -> Params:
     """Reads ``params.yaml`` into :class:`Params`."""
     path = Path(path)
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such params file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path}: unreadable ({err})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ParamsError(f"{path}{at}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level")
     return build(Params, data, where=str(path))

@@ -10,9 +10,11 @@ Input policy (documented in the README):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +24,7 @@ from PIL import Image
 from cs2fusion.color import rgb_to_grey
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+OUTPUT_MARKER = ".cs2fusion-output"  # names the stage that wrote a folder; only such a folder is ever replaced
 
 
 class InputError(ValueError):
@@ -67,6 +70,52 @@ def read_grey(path: str | Path) -> np.ndarray:
     return array
 
 
+def pixels_sha256(array: np.ndarray) -> str:
+    """Hex sha256 of decoded pixels (shape, dtype and values): equal for re-encoded copies of one image."""
+    digest = hashlib.sha256(f"{array.shape}{array.dtype}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def safe_name(name: str, where: str) -> str:
+    """``name`` if it can be a file name inside an output folder (no separators, not ``.``/``..``, not empty)."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise InputError(f"{where}: unsafe id {name!r} (an id becomes a file name: no '/', '\\', '..' or NUL)")
+    return name
+
+
+def refuse_aliasing(out: str | Path, *sources: str | Path, may_hold_sources: bool = False, flag: str = "--out") -> None:
+    """Outputs never equal or land inside an input, nor (unless ``may_hold_sources``: an output that is written
+    file by file, never replaced as a whole) contain one. Paths resolved, symlinks followed."""
+    target = Path(out).resolve()
+    for src in sources:
+        s = Path(src).resolve()
+        inside = s.is_dir() and target.is_relative_to(s)
+        if target == s or inside or (not may_hold_sources and s.is_relative_to(target)):
+            raise InputError(f"{out}: the output would overwrite the input {src}; choose another {flag}")
+
+
+def check_writable_folder(folder: str | Path) -> None:
+    """Fails early, in one line, where ``folder`` cannot become or be written as an output folder."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a folder")
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{existing}: not writable")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _chmod_default(path: Path, directory: bool) -> None:
+    """mkstemp/mkdtemp create 0600/0700; outputs get the modes plain open/mkdir would give (umask honoured)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; renames it onto ``path`` only if the block succeeds."""
@@ -77,22 +126,41 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _chmod_default(tmp_path, directory=False)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary folder beside ``path``; it replaces ``path`` as a whole only if the block succeeds."""
+def atomic_dir(path: str | Path, owner: str, inputs: tuple[str | Path, ...] = ()) -> Iterator[Path]:
+    """Yields a temporary folder beside ``path``; it replaces ``path`` as a whole only if the block succeeds.
+
+    Only an empty folder or an earlier output of the same ``owner`` (its marker file) is ever replaced, and never
+    one that is, holds or lies inside one of ``inputs``: anything else is refused before any work.
+    """
     path = Path(path)
+    refuse_aliasing(path, *inputs)
+    check_writable_folder(path)
+    if path.is_dir() and any(path.iterdir()):
+        marker = path / OUTPUT_MARKER
+        if not (marker.is_file() and marker.read_text().strip() == owner):
+            raise InputError(f"{path}: not empty and not an earlier output of the {owner} stage; refusing to "
+                             "replace it (choose another --out, or empty it yourself)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text(owner + "\n")
+        for folder in (tmp, *(p for p in tmp.rglob("*") if p.is_dir())):
+            _chmod_default(folder, directory=True)
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -102,11 +170,20 @@ def write_png(path: str | Path, array: np.ndarray) -> None:
     """Writes a uint8 (H, W) or (H, W, 3) array as PNG, atomically."""
     if array.dtype != np.uint8:
         raise InputError(f"{path}: expected uint8 pixels, got {array.dtype}")
-    with atomic_path(path) as tmp:
+    with _naming(path), atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
 def write_text(path: str | Path, text: str) -> None:
     """Writes a text file atomically."""
-    with atomic_path(path) as tmp:
+    with _naming(path), atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def _naming(path: str | Path) -> Iterator[None]:
+    """A failed write (no space, file too large, read-only) names the file the user asked for."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None

@@ -24,6 +24,8 @@ from skimage.metrics import structural_similarity
 from cs2fusion.color import rgb_to_grey
 
 MAIN_METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")
+# Names the conventions below; recorded with every evaluation, so that the promotion gate compares like with like.
+METRICS_VERSION = "mmif-cddfuse-1"
 ALL_METRICS = (*MAIN_METRICS, "CC", "PSNR", "MSE")
 
 
@@ -119,9 +121,10 @@ def mse(fused: np.ndarray, ir: np.ndarray, vi: np.ndarray) -> float:
 
 
 def psnr(fused: np.ndarray, ir: np.ndarray, vi: np.ndarray) -> float:
-    """PSNR: 10 log10(max(F)² / MSE)."""
+    """PSNR: 10 log10(max(F)² / MSE); −inf for an all-black F, +inf where F equals both sources (as numpy gives)."""
     f = _check(fused)[0]
-    return float(10 * math.log10(f.max() ** 2 / mse(fused, ir, vi)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(10 * np.log10(np.float64(f.max()) ** 2 / np.float64(mse(fused, ir, vi))))
 
 
 def _gauss_1d(n: int) -> np.ndarray:

@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -45,15 +46,25 @@ def setup(args: argparse.Namespace) -> Params:
     return load_params(args.params)
 
 
+def os_error_line(err: OSError) -> str:
+    """``<file>: <reason>`` for a failed read or write (read-only, no space, not a folder…)."""
+    names = [str(n) for n in (err.filename, err.filename2) if n]
+    return f"{' -> '.join(names) or 'I/O'}: {err.strerror or err}"
+
+
 def clean_errors(main: Callable[[], None]) -> Callable[[], None]:
-    """Bad input or params end the stage with one line naming the culprit and exit status 2."""
+    """Bad input, params or a failed write end the stage with one line naming the culprit and exit status 2
+    (the traceback too with ``-v``)."""
 
     @functools.wraps(main)
     def wrapper() -> None:
         try:
             main()
-        except (InputError, ParamsError) as err:
-            print(f"error: {err}", file=sys.stderr)
+        except (InputError, ParamsError, OSError) as err:
+            if verbose():
+                traceback.print_exc()
+            line = os_error_line(err) if isinstance(err, OSError) else str(err)
+            print(f"error: {line}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

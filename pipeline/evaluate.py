@@ -10,8 +10,8 @@ from pathlib import Path
 from cs2fusion.checkpoint import read_meta
 from cs2fusion.data.shards import iter_eval, read_index, set_files, set_prefix
 from cs2fusion.evaluation import comparison_table, evaluate_set, wins, write_tables
-from cs2fusion.io import atomic_dir, read_image, write_png, write_text
-from cs2fusion.metrics import ALL_METRICS, MAIN_METRICS
+from cs2fusion.io import InputError, atomic_dir, read_image, write_png, write_text
+from cs2fusion.metrics import ALL_METRICS, MAIN_METRICS, METRICS_VERSION
 from cs2fusion.visual import grid
 from pipeline.common import clean_errors, parser, setup
 
@@ -75,10 +75,16 @@ def main() -> None:
     args = p.parse_args()
     params = setup(args)
     sets = [n for n, s in read_index(args.shards)["sets"].items() if s["kind"] == "eval"]
+    if not sets:
+        raise InputError(f"{args.shards}: no evaluation sets")
     primary = params.evaluate.primary_set or sets[0]
+    if primary not in sets:  # checked before the report folder is touched
+        raise InputError(f"evaluate.primary_set {primary!r} is not among the shards' evaluation sets {sets}")
+    if not args.fused.is_dir():
+        raise InputError(f"{args.fused}: not a folder (run the fuse stage)")
     methods = sorted(d.name for d in args.fused.iterdir() if d.is_dir())
     rows = []
-    with atomic_dir(args.report) as tmp:
+    with atomic_dir(args.report, "evaluate", inputs=(args.fused, args.shards)) as tmp:
         for name in sets:
             fused = {m: args.fused / m / set_prefix(name) for m in methods}
             rows += evaluate_set(name, set_files(args.shards, name), fused)
@@ -87,7 +93,7 @@ def main() -> None:
             (tmp / f"samples_{set_prefix(name)}.txt").write_text("columns: IR | visible | " + " | ".join(methods))
         summary = write_tables(rows, tmp)
         _bar_chart(summary, tmp / "comparison.png")
-    result = {"primary_set": primary, "sets": summary}
+    result = {"primary_set": primary, "metrics_version": METRICS_VERSION, "sets": summary}
     if "published" in summary[primary]:
         result["ours_beats_published_on"] = {n: wins(m["ours"], m["published"]) for n, m in summary.items()}
     write_text(args.metrics, json.dumps(result, indent=2, sort_keys=True) + "\n")

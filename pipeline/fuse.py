@@ -49,7 +49,7 @@ def main() -> None:
     params = setup(args)
     shards, out = args.shards.resolve(), args.out.resolve()  # Ray workers do not share this working folder
     sets = [name for name, s in read_index(shards)["sets"].items() if s["kind"] == "eval"]
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "fuse", inputs=(shards, args.model)) as tmp:
         jobs = [(spec, set_files(shards, name), tmp / method / set_prefix(name))
                 for method, spec in methods(args.model, params.fuse).items() for name in sets]
         if os.environ.get("RAY_ADDRESS"):

@@ -7,10 +7,19 @@ refuses new runs in MLflow 3). ``MLFLOW_TRACKING_URI`` or ``tracking.uri`` point
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import queue
+import shutil
 import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -19,6 +28,47 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from cs2fusion.config import TrackingParams, flatten  # noqa: E402
+from cs2fusion.io import InputError  # noqa: E402
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# MLflow's HTTP client retries 7 times with backoff (about 250 s) before it raises; our own retries take over where
+# waiting matters, so one request gives up quickly.
+QUICK_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def quick_http() -> None:
+    """This process's MLflow HTTP requests fail fast (no retry, 10 s timeout) unless the user set otherwise."""
+    for key, value in QUICK_HTTP.items():
+        os.environ.setdefault(key, value)
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """One line (InputError) within ``timeout`` where an HTTP tracking server does not answer; other stores pass."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy or an auth layer may refuse /health)
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise InputError(f"MLflow tracking server {uri} is not reachable ({reason}); start it or set "
+                         "MLFLOW_TRACKING_URI / tracking.uri") from None
+
+
+def retrying(call: Callable[[], T], what: str, patience_s: float) -> T:
+    """``call()``, retried with backoff (1 s doubling to 30 s) for up to ``patience_s`` seconds, then re-raised."""
+    deadline, delay = time.monotonic() + patience_s, 1.0
+    while True:
+        try:
+            return call()
+        except Exception as err:  # MLflow raises many kinds for an unreachable server
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("MLflow %s failed (%s); retrying in %.0f s", what, type(err).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 def tracking_uri(params: TrackingParams, root: Path) -> str:
@@ -98,8 +148,97 @@ class Tracker:
     def history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
+    def last_steps(self, keys: list[str]) -> dict[str, int]:
+        """The highest step logged so far for each of ``keys`` (absent keys: -1)."""
+        return {k: max((s for s, _ in self.history(k)), default=-1) for k in keys}
+
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
+    def reopen(self) -> None:
+        """A resumed run is RUNNING again (it may have been marked FAILED or KILLED)."""
+        self.client.update_run(self.run_id, status="RUNNING")
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+class BufferedTracker:
+    """Metrics and artifacts for one run, sent by a background thread: the training loop never waits for the
+    tracking server and never fails because of it. A failed send is retried (1 s doubling to 30 s) until it goes
+    through; :meth:`close` waits up to its timeout for the rest, then writes what is left to ``spill`` (JSON lines)
+    and says so."""
+
+    def __init__(self, tracker: Tracker, spill: Path) -> None:
+        self.tracker, self.spill = tracker, spill
+        self.staging = Path(tempfile.mkdtemp(prefix="cs2f-artifacts-"))
+        self.pending: queue.Queue = queue.Queue()
+        self.deadline = float("inf")  # set by close(): past it, the sender gives up
+        self.unsent: list = []
+        self.thread = threading.Thread(target=self._send_all, name="mlflow-sender", daemon=True)
+        self.thread.start()
+
+    @property
+    def run_id(self) -> str:
+        return self.tracker.run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        self.pending.put(("metrics", {k: float(v) for k, v in values.items()}, int(step)))
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        staged = Path(tempfile.mkdtemp(dir=self.staging)) / Path(path).name
+        shutil.copy2(path, staged)  # the caller may delete its file at once
+        self.pending.put(("artifact", str(staged), folder))
+
+    def _send(self, item: tuple) -> None:
+        kind, a, b = item
+        if kind == "metrics":
+            self.tracker.metrics(a, step=b)
+        else:
+            self.tracker.artifact(a, b)
+            shutil.rmtree(Path(a).parent, ignore_errors=True)
+
+    def _send_all(self) -> None:
+        delay = 1.0
+        while True:
+            item = self.pending.get()
+            if item is None:
+                return
+            while True:
+                try:
+                    self._send(item)
+                    delay = 1.0
+                    break
+                except Exception as err:  # an outage: keep the item, wait, try again
+                    wait = min(delay, self.deadline - time.monotonic())
+                    if wait <= 0:
+                        self.unsent = [item]
+                        return
+                    log.warning("MLflow unreachable (%s); logging buffered, retrying in %.0f s",
+                                type(err).__name__, wait)
+                    time.sleep(wait)
+                    delay = min(delay * 2, 30.0)
+
+    def close(self, timeout_s: float) -> int:
+        """Waits up to ``timeout_s`` for every buffered item to be sent; spills the rest; returns how many."""
+        self.deadline = time.monotonic() + timeout_s
+        self.pending.put(None)
+        self.thread.join(timeout_s + 40)  # one request may still be on its way at the deadline
+        left = list(self.unsent)
+        while not self.pending.empty():
+            item = self.pending.get_nowait()
+            if item is not None:
+                left.append(item)
+        if left:
+            self.spill.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.spill, "a") as f:
+                for kind, a, b in left:
+                    f.write(json.dumps({"kind": kind, "data": a, "step_or_folder": b}) + "\n")
+            log.warning("MLflow stayed unreachable: %d buffered item(s) of run %s written to %s (artifacts kept in "
+                        "%s)", len(left), self.run_id, self.spill, self.staging)
+        else:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        return len(left)
 
 
 def new_run(uri: str, experiment: str, location: str | None, run_name: str) -> Tracker:

@@ -12,7 +12,7 @@ from cs2fusion.checkpoint import read_meta
 from cs2fusion.config import Params, to_dict
 from cs2fusion.evaluation import comparison_table
 from cs2fusion.io import InputError, write_text
-from cs2fusion.metrics import MAIN_METRICS
+from cs2fusion.metrics import MAIN_METRICS, METRICS_VERSION
 from pipeline.common import clean_errors, parser, setup
 
 log = logging.getLogger("pipeline.register")
@@ -39,6 +39,21 @@ def model_card(params: Params, meta: dict, evaluation: dict) -> str:
     ])
 
 
+def _read_evaluation(path: Path) -> dict:
+    """The evaluate stage's JSON, checked for what the gate needs (primary set, our means, metrics version)."""
+    try:
+        evaluation = json.loads(path.read_text())
+        evaluation["sets"][evaluation["primary_set"]]["ours"]
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such evaluation (run the evaluate stage)") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{path}: not an evaluate-stage result ({err!r})") from None
+    if evaluation.get("metrics_version") != METRICS_VERSION:
+        raise InputError(f"{path}: metrics version {evaluation.get('metrics_version')!r}, this code computes "
+                         f"{METRICS_VERSION!r}; rerun the evaluate stage")
+    return evaluation
+
+
 @clean_errors
 def main() -> None:
     p = parser(__doc__)
@@ -50,7 +65,7 @@ def main() -> None:
     meta = read_meta(args.model)
     if not meta.get("mlflow_run_id"):
         raise InputError(f"{args.model}: no MLflow run id in its metadata; register models from the train stage")
-    evaluation = json.loads(args.evaluation.read_text())
+    evaluation = _read_evaluation(args.evaluation)
     ours = evaluation["sets"][evaluation["primary_set"]]["ours"]
 
     from pipeline.mlflow_adapter import Tracker, tracking_uri
@@ -59,7 +74,8 @@ def main() -> None:
     rp = params.register
     tracker = Tracker(tracking_uri(params.tracking, Path.cwd()), meta["mlflow_run_id"])
     decision = register(
-        tracker, args.model, name=rp.model_name, evaluation={m: ours[m] for m in MAIN_METRICS},
+        tracker, args.model, name=rp.model_name, evaluation={m: ours[m] for m in MAIN_METRICS if m in ours},
+        judged_on={"set": evaluation["primary_set"], "metrics": evaluation["metrics_version"]},
         gate_metrics=list(rp.gate_metrics), min_wins=rp.min_wins, card=model_card(params, meta, evaluation),
         tags={k: str(meta.get(k)) for k in ("git_commit", "shards_sha256", "mlflow_run_id", "epoch", "step")},
     )

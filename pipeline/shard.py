@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from pipeline.common import clean_errors, parser, setup
 
+from cs2fusion.data.manifest import read_manifest
 from cs2fusion.data.shards import write_shards
 
 log = logging.getLogger("pipeline.shard")
@@ -20,7 +20,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="shard folder to (re)write")
     args = p.parse_args()
     params = setup(args)
-    index = write_shards(json.loads(args.manifest.read_text()), params.shard, args.out)
+    index = write_shards(read_manifest(args.manifest), params.shard, args.out, inputs=(args.manifest,))
     for name, s in index["sets"].items():
         log.info("%s: %d samples in %d shards", name, s["samples"], len(s["shards"]))
 

@@ -2,17 +2,20 @@
 
 The loop body is :mod:`cs2fusion.training`; this file holds the Ray touch points (device, DDP, rank-split
 shards, ``ray.train.report`` with checkpoints, ``FailureConfig``) and the MLflow run. ``RAY_ADDRESS`` attaches
-to an existing cluster; ``--resume`` continues a stopped run from its latest checkpoint.
+to an existing cluster. A rerun with the same params and shards continues the run from its latest checkpoint
+(``train.resume: auto``); checks that can fail (params, shards, the start checkpoint, the tracking server) run
+before anything is started or moved.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,10 @@ from pipeline.progress import Board, Follower, Reporter
 
 log = logging.getLogger("pipeline.train")
 MODEL_FILE, STATE_FILE, RUN_ID_FILE = "model.safetensors", "train_state.pt", "mlflow_run_id"
+FINGERPRINT_FILE, SPILL_FILE = "fingerprint", "unlogged_metrics.jsonl"
+# Knobs a resumed run may change: they do not alter what the finished model is (epochs extends a run).
+RESUMABLE_KNOBS = ("resume", "epochs", "max_failures", "collective_timeout_s", "log_every", "tracking_patience_s",
+                   "val_samples")
 
 
 def _init_nets(params: Params) -> tuple[Backbone, CompensationPerceptionNetwork]:
@@ -73,7 +80,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.mlflow_adapter import Tracker
+    from pipeline.mlflow_adapter import BufferedTracker, Tracker, quick_http
 
     params: Params = build(Params, config["params"])
     tp = params.train
@@ -81,7 +88,10 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(tp.threads_per_worker)
     device = ray.train.torch.get_device()
-    tracker = Tracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    quick_http()
+    plain = Tracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    tracker = BufferedTracker(plain, Path(config["spill"])) if plain else None
+    logged = {"loss/backbone": -1, "epoch/loss/backbone": -1}  # the last step / epoch already in MLflow
 
     backbone, cpn = _init_nets(params)
     backbone.to(device)
@@ -96,6 +106,10 @@ def train_loop(config: dict[str, Any]) -> None:
             load_optim_state(state, torch.load(Path(folder) / STATE_FILE, weights_only=True))
         log.info("rank %d resumed at epoch %d, step %d", rank, state.epoch, state.step)
         if tracker:
+            try:  # what the stopped attempt logged after its checkpoint is not logged twice
+                logged = plain.last_steps(list(logged))
+            except Exception as err:  # the server may be down now: then duplicates are possible, nothing is lost
+                log.warning("could not read the logged steps of run %s (%s)", plain.run_id, type(err).__name__)
             tracker.metrics({"resume/from_epoch": state.epoch, "resume/from_step": state.step}, step=state.step)
     state.backbone_train = ray.train.torch.prepare_model(backbone)
     state.cpn_train = ray.train.torch.prepare_model(cpn)
@@ -117,36 +131,42 @@ def train_loop(config: dict[str, Any]) -> None:
             Path(fail_marker).touch()
             raise RuntimeError(f"injected worker failure at step {step}")
         reporter.step(step, metrics["loss/backbone"])
-        if tracker and step % tp.log_every == 0:
+        if tracker and step % tp.log_every == 0 and step > logged["loss/backbone"]:
             tracker.metrics({**metrics, **lrs(state)}, step=step)
 
-    while state.epoch < tp.epochs:
-        dataset.set_epoch(state.epoch)
-        steps = steps_per_epoch(index, world_size=world, loader_workers=tp.loader_workers, local_batch=local_batch,
-                                seed=tp.seed, epoch=state.epoch)
-        if tp.max_steps_per_epoch:
-            steps = min(steps, tp.max_steps_per_epoch)
-        if steps == 0:
-            raise InputError(f"too few training samples for batch {tp.batch_size} on {world} workers")
-        reporter.start_epoch(state.epoch, steps, state.step)
-        means = _across_ranks(run_epoch(state, loader, tp, steps=steps, device=device, on_step=on_step), world)
-        reporter.end_epoch(means)
-        metrics = {**{f"epoch/{k}": v for k, v in means.items()}, **lrs(state), "epoch": state.epoch,
-                   "step": state.step}
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = None
-            if tracker:
-                tracker.metrics({k: v for k, v in metrics.items() if k != "step"}, step=state.epoch)
-                if val_files:
-                    write_png(Path(folder) / f"val_epoch_{state.epoch:03d}.png",
-                              _val_grid(backbone, val_files, tp.val_samples))
-                    tracker.artifact(Path(folder) / f"val_epoch_{state.epoch:03d}.png", "val_samples")
-            last = state.epoch == tp.epochs
-            if rank == 0 and (state.epoch % tp.checkpoint_every == 0 or last):
-                save_checkpoint(Path(folder) / MODEL_FILE, backbone, cpn, epoch=state.epoch, step=state.step)
-                torch.save(optim_state(state), Path(folder) / STATE_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=checkpoint)
+    finished = False
+    try:
+        while state.epoch < tp.epochs:
+            dataset.set_epoch(state.epoch)
+            steps = steps_per_epoch(index, world_size=world, loader_workers=tp.loader_workers,
+                                    local_batch=local_batch, seed=tp.seed, epoch=state.epoch)
+            if tp.max_steps_per_epoch:
+                steps = min(steps, tp.max_steps_per_epoch)
+            if steps == 0:
+                raise InputError(f"too few training samples for batch {tp.batch_size} on {world} workers")
+            reporter.start_epoch(state.epoch, steps, state.step)
+            means = _across_ranks(run_epoch(state, loader, tp, steps=steps, device=device, on_step=on_step), world)
+            reporter.end_epoch(means)
+            metrics = {**{f"epoch/{k}": v for k, v in means.items()}, **lrs(state), "epoch": state.epoch,
+                       "step": state.step}
+            with tempfile.TemporaryDirectory() as folder:
+                checkpoint = None
+                if tracker and state.epoch > logged["epoch/loss/backbone"]:
+                    tracker.metrics({k: v for k, v in metrics.items() if k != "step"}, step=state.epoch)
+                    if val_files:
+                        write_png(Path(folder) / f"val_epoch_{state.epoch:03d}.png",
+                                  _val_grid(backbone, val_files, tp.val_samples))
+                        tracker.artifact(Path(folder) / f"val_epoch_{state.epoch:03d}.png", "val_samples")
+                last = state.epoch == tp.epochs
+                if rank == 0 and (state.epoch % tp.checkpoint_every == 0 or last):
+                    save_checkpoint(Path(folder) / MODEL_FILE, backbone, cpn, epoch=state.epoch, step=state.step)
+                    torch.save(optim_state(state), Path(folder) / STATE_FILE)
+                    checkpoint = ray.train.Checkpoint.from_directory(folder)
+                ray.train.report(metrics, checkpoint=checkpoint)
+        finished = True
+    finally:
+        if tracker:  # a failing attempt does not wait long: Ray restarts it, or the stage fails
+            tracker.close(tp.tracking_patience_s if finished else 30)
 
 
 def _loss_plot(tracker: Any, out: Path) -> None:
@@ -165,14 +185,70 @@ def _loss_plot(tracker: Any, out: Path) -> None:
     plt.close(fig)
 
 
-def fit(params: Params, *, shards: Path, out: Path, metrics_out: Path | None, root: Path,
-        resume: bool = False) -> dict[str, Any]:
+def fingerprint(params: Params, shards_sha256: str) -> str:
+    """What makes two runs the same run: the model, impair and train params (less the knobs a resumed run may
+    change) and the training shards."""
+    train = {k: v for k, v in to_dict(params.train).items() if k not in RESUMABLE_KNOBS}
+    what = {"model": to_dict(params.model), "impair": to_dict(params.impair), "train": train, "shards": shards_sha256}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def plan_run(run_dir: Path, mode: str, print_: str) -> tuple[bool, Path | None]:
+    """(True, None): resume the run in ``run_dir``; else (False, where a previous run there was moved aside: it is
+    never deleted)."""
+    previous = (run_dir / FINGERPRINT_FILE).read_text().strip() if (run_dir / FINGERPRINT_FILE).is_file() else None
+    same = previous == print_ and (run_dir / RUN_ID_FILE).is_file()
+    if mode == "must" and not same:
+        why = "other params or shards" if previous else "nothing to resume"
+        raise InputError(f"{run_dir}: train.resume is 'must' but {why} there")
+    if same and mode == "auto":
+        return True, None
+    if not run_dir.exists():
+        return False, None
+    aside = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(run_dir, aside)
+    reason = "train.resume is 'never'" if same else "its params or shards differ"
+    log.warning("previous run moved aside to %s (%s); starting a new run", aside, reason)
+    return False, aside
+
+
+def _preflight(params: Params, shards: Path, uri: str) -> str:
+    """Everything that can be checked before work starts: shards present and intact, the start checkpoint
+    loadable, the tracking server reachable. Returns the shard index's sha256."""
+    from pipeline.mlflow_adapter import check_reachable
+
+    set_files(shards, "train")
+    if params.train.val_set:
+        set_files(shards, params.train.val_set)
+    if params.train.init_from:
+        load_checkpoint(params.train.init_from, with_cpn=False)
+    check_reachable(uri)
+    return sha256_file(shards / "shards.json")
+
+
+def _mark_stale(uri: str, run_dir: Path) -> None:
+    """A run left RUNNING by a killed stage is marked KILLED when a new run replaces it."""
+    from pipeline.mlflow_adapter import Tracker
+
+    if not (run_dir / RUN_ID_FILE).is_file():
+        return
+    try:
+        old = Tracker(uri, (run_dir / RUN_ID_FILE).read_text().strip())
+        if old.status() == "RUNNING":
+            old.finish("KILLED")
+            log.info("MLflow run %s of the stopped attempt marked KILLED", old.run_id)
+    except Exception as err:  # another store, a deleted run: nothing to mark
+        log.debug("previous MLflow run not marked: %s", err)
+
+
+def fit(params: Params, *, shards: Path, out: Path, metrics_out: Path | None, root: Path) -> dict[str, Any]:
     """Runs the trainer and writes the final model; returns the final metrics (with the MLflow run id)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.mlflow_adapter import Tracker, artifact_location, git_commit, new_run, tracking_uri
+    from pipeline.mlflow_adapter import (Tracker, artifact_location, git_commit, new_run, quick_http, retrying,
+                                         tracking_uri)
 
     tp = params.train
     if tp.init_from:  # Ray workers run in another folder
@@ -181,23 +257,35 @@ def fit(params: Params, *, shards: Path, out: Path, metrics_out: Path | None, ro
     storage = Path(tp.storage_path).resolve()
     run_dir = storage / tp.run_name
     uri = tracking_uri(params.tracking, root)
-    if resume and (run_dir / RUN_ID_FILE).is_file():
+    quick_http()
+    shards_sha = _preflight(params, shards, uri)
+
+    def patiently(call: Any, what: str) -> Any:
+        return retrying(call, what, tp.tracking_patience_s)
+
+    print_ = fingerprint(params, shards_sha)
+    resume, aside = plan_run(run_dir, tp.resume, print_)
+    if resume:
         tracker = Tracker(uri, (run_dir / RUN_ID_FILE).read_text().strip())
+        if patiently(tracker.status, "status") != "RUNNING":
+            patiently(tracker.reopen, "reopen")
+        log.info("resuming run %s (MLflow run %s) from its latest checkpoint", run_dir, tracker.run_id)
     else:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # a fresh run: never silently resume an old one
+        if aside:
+            _mark_stale(uri, aside)
         tracker = new_run(uri, tp.experiment, artifact_location(params.tracking, root), tp.run_name)
         tracker.params(to_dict(params))
-        tracker.tags({"git_commit": git_commit(root), "shards_sha256": sha256_file(shards / "shards.json"),
-                      "stage": "train"})
+        tracker.tags({"git_commit": git_commit(root), "shards_sha256": shards_sha, "stage": "train"})
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RUN_ID_FILE).write_text(tracker.run_id)
+        (run_dir / FINGERPRINT_FILE).write_text(print_ + "\n")
     config = {"params": to_dict(params), "shards": str(shards.resolve()), "tracking_uri": uri,
-              "run_id": tracker.run_id, "fail_at_step": int(os.environ.get("CS2FUSION_FAIL_AT_STEP", "0")),
+              "run_id": tracker.run_id, "spill": str(run_dir / SPILL_FILE),
+              "fail_at_step": int(os.environ.get("CS2FUSION_FAIL_AT_STEP", "0")),
               "fail_marker": os.environ.get("CS2FUSION_FAIL_MARKER", str(run_dir / "failed_once"))}
     if not ray.is_initialized():
         # Workers' and Ray's own output reach this terminal only when verbose; their errors always do (fit raises).
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=verbose(),
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=verbose(), include_dashboard=False,
                  logging_level=logging.INFO if verbose() else logging.WARNING)
     board = ray.remote(num_cpus=0)(Board).remote()
     config["progress"] = board
@@ -214,24 +302,28 @@ def fit(params: Params, *, shards: Path, out: Path, metrics_out: Path | None, ro
     try:
         with Follower(board):
             result = trainer.fit()
-    except Exception:
-        tracker.finish("FAILED")
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        try:
+            retrying(lambda: tracker.finish(status), "finish", 30)
+        except Exception:
+            log.warning("MLflow run %s could not be marked %s; the next start marks it", tracker.run_id, status)
         raise
     with result.checkpoint.as_directory() as folder:
         ckpt = load_checkpoint(Path(folder) / MODEL_FILE, with_cpn=True)
         meta = ckpt.meta
     save_checkpoint(out, ckpt.backbone, ckpt.cpn, epoch=meta["epoch"], step=meta["step"],
                     mlflow_run_id=tracker.run_id, git_commit=git_commit(root),
-                    shards_sha256=sha256_file(shards / "shards.json"), source="cs2fusion train stage")
+                    shards_sha256=shards_sha, source="cs2fusion train stage")
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     final["mlflow_run_id"] = tracker.run_id
-    with tempfile.TemporaryDirectory() as folder:
-        _loss_plot(tracker, Path(folder) / "loss_curves.png")
-        tracker.artifact(Path(folder) / "loss_curves.png", "plots")
-    tracker.artifact(out, "model")
     if metrics_out:
         write_text(metrics_out, json.dumps(final, indent=2, sort_keys=True) + "\n")
-    tracker.finish()
+    with tempfile.TemporaryDirectory() as folder:
+        patiently(lambda: _loss_plot(tracker, Path(folder) / "loss_curves.png"), "history")
+        patiently(lambda: tracker.artifact(Path(folder) / "loss_curves.png", "plots"), "artifact upload")
+    patiently(lambda: tracker.artifact(out, "model"), "artifact upload")
+    patiently(tracker.finish, "finish")
     return final
 
 
@@ -241,11 +333,14 @@ def main() -> None:
     p.add_argument("--shards", type=Path, required=True, help="shard folder from the shard stage")
     p.add_argument("--out", type=Path, required=True, help="final model checkpoint (.safetensors)")
     p.add_argument("--metrics", type=Path, default=None, help="final training metrics (JSON)")
-    p.add_argument("--resume", action="store_true", help="continue the stopped run from its latest checkpoint")
+    p.add_argument("--resume", choices=("auto", "never", "must"), default=None,
+                   help="override train.resume: auto continues a same-params run, never starts over, must fails "
+                        "without a run to continue")
     args = p.parse_args()
     params = setup(args)
-    final = fit(params, shards=args.shards, out=args.out, metrics_out=args.metrics, root=Path.cwd(),
-                resume=args.resume)
+    if args.resume:
+        params = dataclasses.replace(params, train=dataclasses.replace(params.train, resume=args.resume))
+    final = fit(params, shards=args.shards, out=args.out, metrics_out=args.metrics, root=Path.cwd())
     log.info("trained: epoch %s, step %s, MLflow run %s", final.get("epoch"), final.get("step"),
              final["mlflow_run_id"])
 

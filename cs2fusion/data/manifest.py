@@ -8,6 +8,7 @@ and records why in the manifest.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from pathlib import Path
@@ -19,10 +20,10 @@ from tqdm import tqdm
 from cs2fusion.config import DatasetSpec, PrepareParams
 from cs2fusion.data.layouts import discover
 from cs2fusion.data.pairs import Pair, load_pair, natural_key
-from cs2fusion.io import InputError
+from cs2fusion.io import InputError, pixels_sha256
 
 log = logging.getLogger(__name__)
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: decoded-pixel hashes for the leak check
 
 
 def sha256_file(path: str | Path) -> str:
@@ -38,7 +39,11 @@ def read_id_list(path: str | Path, known: Iterable[str]) -> list[str]:
     """Ids from a list file: per non-comment line, the first whitespace-separated token that is a known id."""
     known = set(known)
     ids: list[str] = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: cannot read the id list ({getattr(err, 'strerror', None) or err})") from None
+    for number, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -83,6 +88,8 @@ def _entry(pair: Pair, split: str) -> dict[str, Any]:
         "vi_mode": "RGB" if vi.ndim == 3 else "L",
         "ir_sha256": sha256_file(pair.ir),
         "vi_sha256": sha256_file(pair.vi),
+        "ir_pixels_sha256": pixels_sha256(ir),  # the leak check's key: re-encoding does not change it
+        "vi_pixels_sha256": pixels_sha256(vi),
     }
 
 
@@ -128,6 +135,19 @@ def build_manifest(params: PrepareParams) -> dict[str, Any]:
             "rejected": problems,
         }
     return {"version": MANIFEST_VERSION, "policy": params.policy, "datasets": datasets}
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The prepare stage's manifest file; a missing, unreadable or foreign file raises InputError."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such manifest (run the prepare stage)") from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: not a readable manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        raise InputError(f"{path}: not a version-{MANIFEST_VERSION} cs2fusion manifest; rerun the prepare stage")
+    return manifest
 
 
 def select(manifest: dict[str, Any], name: str) -> list[dict[str, Any]]:

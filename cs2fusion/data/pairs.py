@@ -27,6 +27,8 @@ def list_images(folder: str | Path) -> dict[str, Path]:
         raise InputError(f"{folder}: not a folder")
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
+        if path.is_symlink() and not path.exists() and path.suffix.lower() in IMAGE_SUFFIXES:
+            raise InputError(f"{path}: broken symbolic link (its target {path.readlink()} does not exist)")
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
             if path.stem in found:
                 raise InputError(f"{path}: id {path.stem!r} also names {found[path.stem].name}")

@@ -9,10 +9,13 @@ shares; ``shards.json`` records counts, bytes and sha256 of every shard.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
 import math
+import os
+import urllib.parse
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,10 +30,10 @@ from cs2fusion.config import ImpairParams, ShardParams
 from cs2fusion.data.impair import impair
 from cs2fusion.data.manifest import select, sha256_file
 from cs2fusion.data.pairs import Pair, load_pair
-from cs2fusion.io import InputError, atomic_dir, read_grey
+from cs2fusion.io import InputError, atomic_dir, read_grey, safe_name
 
 log = logging.getLogger(__name__)
-SHARDS_VERSION = 1
+SHARDS_VERSION = 2  # 2: keys escape '.', '_' and '/' (injective); 1 replaced them with '_' (p.1 = p_1)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -51,9 +54,14 @@ def patch_grid(height: int, width: int, patch: int, stride: int) -> list[tuple[i
     return [(t, l) for t in range(0, height - patch + 1, stride) for l in range(0, width - patch + 1, stride)]
 
 
+def _escape(part: str) -> str:
+    # WebDataset splits keys at the first dot and treats '/' as a folder; '_' is escaped too, so that the '__'
+    # between parts stays unambiguous and distinct ids never share a key.
+    return urllib.parse.quote(part, safe="").replace(".", "%2E").replace("_", "%5F")
+
+
 def _key(dataset: str, pair_id: str, suffix: str = "") -> str:
-    # WebDataset splits keys at the first dot; keep keys free of dots and slashes.
-    return f"{dataset}__{pair_id}{suffix}".replace(".", "_").replace("/", "_")
+    return f"{_escape(dataset)}__{_escape(pair_id)}{suffix}"
 
 
 def train_samples(manifest: dict[str, Any], params: ShardParams) -> list[dict[str, Any]]:
@@ -135,19 +143,26 @@ def set_prefix(name: str) -> str:
 
 
 def check_no_leak(manifest: dict[str, Any], params: ShardParams) -> None:
-    """Refuses an evaluation set that shares a pair (same infrared file bytes) with the training sets."""
-    trained = {e["ir_sha256"]: (name, e["id"]) for name in params.train for e in select(manifest, name)}
+    """Refuses an evaluation set that shares an image with the training sets: the same decoded infrared or visible
+    pixels (a re-encoded or renamed copy is still the same image)."""
+    trained = {e[f"{kind}_pixels_sha256"]: (name, e["id"]) for name in params.train for e in select(manifest, name)
+               for kind in ("ir", "vi")}
     for name in params.eval:
         for entry in select(manifest, name):
-            if entry["ir_sha256"] in trained:
-                source, pid = trained[entry["ir_sha256"]]
-                raise InputError(f"{entry['ir']}: evaluation set {name} contains training pair {source}:{pid}")
+            for kind in ("ir", "vi"):
+                if entry[f"{kind}_pixels_sha256"] in trained:
+                    source, pid = trained[entry[f"{kind}_pixels_sha256"]]
+                    raise InputError(f"{entry[kind]}: evaluation set {name} contains training pair {source}:{pid} "
+                                     "(same pixels)")
 
 
-def write_shards(manifest: dict[str, Any], params: ShardParams, out: str | Path) -> dict[str, Any]:
-    """Writes every set of ``params`` into ``out`` (replaced atomically as a whole) with ``shards.json``."""
+def write_shards(manifest: dict[str, Any], params: ShardParams, out: str | Path,
+                 inputs: tuple[str | Path, ...] = ()) -> dict[str, Any]:
+    """Writes every set of ``params`` into ``out`` (replaced atomically as a whole) with ``shards.json``;
+    ``out`` may not be, hold or lie in ``inputs`` or a data set root of the manifest."""
     check_no_leak(manifest, params)
-    with atomic_dir(out) as tmp:
+    roots = tuple(ds["root"] for ds in manifest["datasets"].values())
+    with atomic_dir(out, "shard", inputs=(*inputs, *roots)) as tmp:
         sets: dict[str, Any] = {}
         if params.train:
             samples = train_samples(manifest, params)
@@ -168,15 +183,63 @@ def read_index(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "shards.json"
     if not path.is_file():
         raise InputError(f"{path}: no shard index (run the shard stage)")
-    return json.loads(path.read_text())
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: unreadable shard index ({err})") from None
+    if not isinstance(index, dict) or index.get("version") != SHARDS_VERSION:
+        raise InputError(f"{path}: not a version-{SHARDS_VERSION} shard index; rerun the shard stage")
+    return index
 
 
 def set_files(folder: str | Path, name: str) -> list[str]:
-    """Absolute paths of the shards of set ``name``."""
+    """Absolute paths of the shards of set ``name``, each checked against the sha256 ``shards.json`` records."""
     index = read_index(folder)
     if name not in index["sets"]:
         raise InputError(f"{folder}: no shard set {name!r} ({', '.join(index['sets'])})")
-    return [str(Path(folder, r["file"]).resolve()) for r in index["sets"][name]["shards"]]
+    files = []
+    for record in index["sets"][name]["shards"]:
+        path = Path(folder, safe_name(record["file"], f"{folder}/shards.json")).resolve()
+        verify_shard(path, record["sha256"])
+        files.append(str(path))
+    return files
+
+
+def verify_shard(path: Path, sha256: str) -> None:
+    """Raises InputError naming ``path`` unless its bytes hash to ``sha256`` (checked once per process and file
+    version)."""
+    try:
+        st = path.stat()
+    except OSError:
+        raise InputError(f"{path}: shard missing") from None
+    if _shard_digest(str(path), st.st_size, st.st_mtime_ns) != sha256:
+        raise InputError(f"{path}: shard corrupt (sha256 differs from shards.json); rerun the shard stage or "
+                         "restore it (dvc checkout)")
+
+
+@functools.lru_cache(maxsize=4096)
+def _shard_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def read_samples(files: list[str]) -> Iterator[dict[str, Any]]:
+    """Raw samples of ``files`` in order, each key checked: no folders, absolute or ``..`` member names, no key
+    twice in a shard. Any unreadable shard raises InputError naming it."""
+    for url in files:
+        seen: set[str] = set()
+        try:
+            for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+                key = sample["__key__"]
+                if "/" in key or key in ("", ".", "..") or os.path.isabs(key):
+                    raise InputError(f"{url}: unsafe member name {key!r} (shards hold flat keys only)")
+                if key in seen:
+                    raise InputError(f"{url}: key {key!r} appears twice")
+                seen.add(key)
+                yield sample
+        except InputError:
+            raise
+        except Exception as err:  # tar and webdataset errors: the user needs the shard's name
+            raise InputError(f"{url}: unreadable shard ({err})") from None
 
 
 def split_shards(files: list[str], *, rank: int, world_size: int, worker: int, num_workers: int,
@@ -224,8 +287,7 @@ class TrainShards(torch.utils.data.IterableDataset):
 
     def _decode(self, sample: dict[str, Any]) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]:
         key = sample["__key__"]
-        ir = decode_png(sample["ir.png"])
-        vi = decode_png(sample["vi.png"])
+        ir, vi = _decode_members(sample, "ir.png", "vi.png")
         vi_imp = impair(vi, sample_seed(self.seed, self.epoch, key), self.impair_params)
         as_t = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0)[None]  # noqa: E731
         return key, as_t(ir), as_t(vi), as_t(vi_imp)
@@ -236,19 +298,27 @@ class TrainShards(torch.utils.data.IterableDataset):
         mine = split_shards(self.files, rank=self.rank, world_size=self.world_size, worker=worker,
                             num_workers=num_workers, seed=self.seed, epoch=self.epoch)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(mine),
-            wds.tarfile_to_samples(),
-            lambda src: _seeded_shuffle(src, self.shuffle_buffer, rng),
-            wds.map(self._decode),
-        )
-        return iter(pipeline)
+        return map(self._decode, _seeded_shuffle(read_samples(mine), self.shuffle_buffer, rng))
+
+
+def _decode_members(sample: dict[str, Any], *names: str) -> list[np.ndarray]:
+    try:
+        return [decode_png(sample[name]) for name in names]
+    except Exception as err:  # a missing member, a broken PNG: name the shard and the sample
+        raise InputError(f"{sample.get('__url__')}: sample {sample['__key__']!r} unreadable ({err!r})") from None
 
 
 def iter_eval(files: list[str]) -> Iterator[tuple[dict[str, Any], np.ndarray, np.ndarray]]:
-    """Whole-image evaluation samples in shard order: (meta, ir uint8 (H, W), vi uint8 (H, W[, 3]))."""
-    for sample in wds.DataPipeline(wds.SimpleShardList(files), wds.tarfile_to_samples()):
-        yield json.loads(sample["json"]), decode_png(sample["ir.png"]), decode_png(sample["vi.png"])
+    """Whole-image evaluation samples in shard order: (meta, ir uint8 (H, W), vi uint8 (H, W[, 3])); the meta's
+    ``id`` is checked to be a safe file name."""
+    for sample in read_samples(files):
+        try:
+            meta = json.loads(sample["json"])
+        except (KeyError, ValueError) as err:
+            where = f"{sample['__url__']}: sample {sample['__key__']!r}"
+            raise InputError(f"{where} has no readable json ({err!r})") from None
+        safe_name(str(meta.get("id", "")), f"{sample['__url__']}: sample {sample['__key__']!r}")
+        yield (meta, *_decode_members(sample, "ir.png", "vi.png"))
 
 
 def steps_per_epoch(index_set: dict[str, Any], *, world_size: int, loader_workers: int, local_batch: int,

@@ -67,7 +67,9 @@ class Fuser:
         self.device = torch.device(device)
         self.options = options
         self.backbone = backbone.to(self.device).eval()
-        self.scale = float(backbone.params.input_scale)
+        # The network sees pixels/255 × input_scale (Backbone.forward's contract: [0, 1] in, scaled inside); the
+        # graph takes the network's own input scale, so 0–255 pixels are multiplied by input_scale/255 for it.
+        self.to_net = float(backbone.params.input_scale) / 255.0
         dtype = PRECISIONS[options.precision]
         self.graph = InferenceGraph(self.backbone, dtype=dtype, winograd=options.winograd) if options.fast else None
 
@@ -80,10 +82,14 @@ class Fuser:
         i = _as_batch(ir, "ir").to(self.device)
         h, w = v.shape[2:]
         if self.graph is None:
-            out = self.backbone(vis_y=v / self.scale, ir=i / self.scale).fused * self.scale
+            out = self.backbone(vis_y=v / 255.0, ir=i / 255.0).fused * 255.0
         else:
             tiled = self.options.tile and h * w > self.options.max_pixels
+            if self.to_net != 1.0:
+                v, i = v * self.to_net, i * self.to_net
             out = self.graph(v, i, tile=self.options.tile if tiled else 0)
+            if self.to_net != 1.0:
+                out = out / self.to_net
         return list(out.float().cpu().numpy()[:, 0])
 
     def fuse_y(self, *, vis_y: np.ndarray, ir: np.ndarray) -> np.ndarray:

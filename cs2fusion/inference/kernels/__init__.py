@@ -53,11 +53,13 @@ def _missing_tool() -> str | None:
     """What the build needs and this machine lacks, or None."""
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         return "no C++ compiler (c++, or $CXX)"
-    if shutil.which("ninja") is None:
-        try:
-            import ninja  # the pip package; its bin/ is not on PATH when the venv is not activated
-        except ImportError:
-            return "no ninja (pip install ninja)"
+    try:
+        import ninja  # the pip package (a dependency): always the same ninja, whatever PATH a process has
+    except ImportError:
+        return None if shutil.which("ninja") else "no ninja (pip install ninja)"
+    # Two ninja versions record a command under different hashes in .ninja_log, so a machine with a system ninja
+    # rebuilt the kernel (about a minute) each time a process with the other one first on PATH loaded it.
+    if not os.environ.get("PATH", "").startswith(ninja.BIN_DIR + os.pathsep):
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     return None
 

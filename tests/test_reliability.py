@@ -1,0 +1,392 @@
+"""Failures and bad input (issue 16): nothing a user owns is destroyed, every expected failure is one line naming
+the culprit with a non-zero exit, checks run before work, the promotion gate fails closed. Fast tests: the
+built-in demo data, the shipped model, stage subprocesses without Ray or an MLflow server."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from cs2fusion.checkpoint import load_checkpoint, save_checkpoint
+from cs2fusion.cli import app
+from cs2fusion.config import GATE_METRICS, ModelParams, Params, ParamsError, build, load_params
+from cs2fusion.data.manifest import build_manifest, read_manifest
+from cs2fusion.data.shards import iter_eval, read_samples, set_files, write_shards
+from cs2fusion.inference import FuseOptions, Fuser
+from cs2fusion.io import OUTPUT_MARKER, InputError, read_image
+from cs2fusion.metrics import MAIN_METRICS, psnr
+from cs2fusion.model import Backbone
+from cs2fusion.pretrained import DEFAULT_MODEL
+from tests.conftest import REPO, free_port, synth_pairs
+from tests.tiny import env
+
+DEMO = {"prepare": {"datasets": [{"name": "demo", "root": "data/demo", "ratio": {"train": 0.5, "test": 0.5}}]},
+        "shard": {"train": ["demo/train"], "eval": ["demo/test"], "patch_size": 32, "stride": 32,
+                  "max_samples_per_shard": 8, "shard_multiple": 2},
+        "evaluate": {"primary_set": "demo/test"}, "fuse": {"published": ""}}
+
+
+def _project(tmp: Path, **sections: dict) -> Path:
+    """A tiny project: 4 demo pairs, its params.yaml, the manifest and the shards (through the library)."""
+    assert CliRunner().invoke(app, ["synth", "--out", str(tmp / "data" / "demo"), "--pairs", "4", "--width", "64",
+                                    "--height", "48"]).exit_code == 0
+    params = {**DEMO, **sections}
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        p = load_params("params.yaml")
+        manifest = build_manifest(p.prepare)
+        (tmp / "data" / "manifest.json").write_text(json.dumps(manifest))
+        write_shards(manifest, p.shard, tmp / "data" / "shards")
+    finally:
+        os.chdir(cwd)
+    return tmp
+
+
+def _stage(folder: Path, module: str, *args: str, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"pipeline.{module}", *args], cwd=folder, env=env(**extra),
+                          capture_output=True, text=True, timeout=300)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# 1, 2: outputs never alias, hold or replace what the stage did not write
+
+
+def test_stage_out_never_replaces_inputs_or_foreign_folders(tmp_path: Path) -> None:
+    proj = _project(tmp_path)
+    model = str(DEFAULT_MODEL)
+    before = _tree(proj / "data")
+    _one_line_error(_stage(proj, "shard", "--manifest", "data/manifest.json", "--out", "data"), "data")
+    _one_line_error(_stage(proj, "fuse", "--model", model, "--shards", "data/shards", "--out", "data/shards"),
+                    "input")
+    mine = proj / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    _one_line_error(_stage(proj, "fuse", "--model", model, "--shards", "data/shards", "--out", "mine"),
+                    "not an earlier output of the fuse stage")
+    assert _tree(proj / "data") == before and (mine / "notes.txt").read_text() == "keep me"
+    # an earlier output of the same stage is replaced as a whole, with the modes the umask gives
+    for _ in range(2):
+        assert _stage(proj, "fuse", "--model", model, "--shards", "data/shards", "--out", "fused").returncode == 0
+    assert (proj / "fused" / OUTPUT_MARKER).read_text().strip() == "fuse"
+    png = next((proj / "fused").rglob("*.png"))
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert png.stat().st_mode & 0o777 == 0o666 & ~mask and (proj / "fused").stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_cli_write_failures_are_one_line_and_leave_nothing(tmp_path: Path) -> None:
+    proj = _project(tmp_path)
+    demo = proj / "data" / "demo"
+    args = ["fuse", "--ir", str(demo / "ir"), "--vi", str(demo / "vi")]
+    (tmp_path / "a_file").write_text("")
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a_file")])
+    assert result.exit_code == 2 and "not a folder" in result.output, result.output
+    # the file system refuses a write midway (a file size limit here, as a full disk would): the small first
+    # output was written, the next one fails; nothing of the run is left behind
+    for kind in ("ir", "vi"):
+        Image.fromarray(np.full((4, 4), 9, np.uint8)).save(demo / kind / "a0.png")
+    out = tmp_path / "out"
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+
+    proc = subprocess.run([sys.executable, "-m", "cs2fusion", *args, "--out", str(out)], env=env(),
+                          capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    _one_line_error(proc, str(out))
+    assert not [p for p in out.rglob("*") if p.is_file()], list(out.rglob("*"))
+
+
+# 3: ids that become file names, tar member names
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _sample(name: str, pair_id: str = "x") -> list[tuple[str, bytes]]:
+    pixels = _png(np.zeros((8, 8), np.uint8))
+    return [(f"{name}.ir.png", pixels), (f"{name}.json", json.dumps({"id": pair_id}).encode()),
+            (f"{name}.vi.png", pixels)]
+
+
+@pytest.mark.parametrize("members, named", [
+    (_sample("k", "../../../../x/ESCAPED"), "unsafe id"),
+    (_sample("/x/abs"), "unsafe member name"),
+    (_sample("../../dd"), "unsafe member name"),
+    ([*_sample("k"), *_sample("j"), *_sample("k")], "appears twice"),
+])
+def test_unsafe_shards_are_refused_naming_the_shard(members: list[tuple[str, bytes]], named: str,
+                                                    tmp_path: Path) -> None:
+    shard = tmp_path / "bad.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(InputError, match=named) as err:
+        list(iter_eval([str(shard)]))
+    assert str(shard) in str(err.value)
+
+
+def test_colliding_ids_get_distinct_keys(tmp_path: Path) -> None:
+    demo = tmp_path / "ids"
+    for kind in ("ir", "vi"):
+        (demo / kind).mkdir(parents=True)
+        for name in ("p.1", "p_1"):
+            Image.fromarray(np.full((40, 40), 100 if name == "p.1" else 200, np.uint8)).save(demo / kind / f"{name}.png")
+    p = build(Params, {"prepare": {"datasets": [{"name": "d", "root": str(demo)}]}, "shard": {"eval": ["d/test"]}})
+    write_shards(build_manifest(p.prepare), p.shard, tmp_path / "shards")
+    samples = list(read_samples(set_files(tmp_path / "shards", "d/test")))
+    assert len({s["__key__"] for s in samples}) == 2
+    assert sorted(meta["id"] for meta, _, _ in iter_eval(set_files(tmp_path / "shards", "d/test"))) == ["p.1", "p_1"]
+
+
+# 8: shard checksums
+
+
+def test_a_flipped_bit_in_a_shard_is_caught_and_named(tmp_path: Path) -> None:
+    proj = _project(tmp_path)
+    shard = Path(set_files(proj / "data" / "shards", "demo/test")[0])
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(time.time_ns(), time.time_ns() + 1))
+    with pytest.raises(InputError, match="sha256 differs") as err:
+        set_files(proj / "data" / "shards", "demo/test")
+    assert str(shard) in str(err.value)
+    _one_line_error(_stage(proj, "fuse", "--model", str(DEFAULT_MODEL), "--shards", "data/shards", "--out", "fused"),
+                    shard.name)
+
+
+# 9: input_scale
+
+
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_inference_honours_input_scale(scale: float) -> None:
+    torch.manual_seed(0)
+    backbone = Backbone(ModelParams(input_scale=scale)).eval()
+    vis_y, ir = synth_pairs(1, 40, 56)[0]
+    with torch.no_grad():  # the training path's forward: [0, 1] in, the scale applied inside
+        want = backbone(vis_y=torch.from_numpy(vis_y / 255.0)[None, None].float(),
+                        ir=torch.from_numpy(ir / 255.0)[None, None].float()).fused[0, 0].numpy() * 255.0
+    for fast in (False, True):
+        got = Fuser(backbone, options=FuseOptions(fast=fast)).fuse_y(vis_y=vis_y, ir=ir)
+        np.testing.assert_allclose(got, want, atol=2e-3 * max(1.0, float(np.abs(want).max())), err_msg=f"fast={fast}")
+
+
+# 10: checkpoints
+
+
+def _edit(src: Path, dst: Path, meta=None, tensors=None) -> Path:
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="pt") as f:
+        raw = f.metadata()["cs2fusion"]
+    t = load_file(str(src))
+    if tensors:
+        t = tensors(t)
+    save_file(t, str(dst), metadata={"cs2fusion": meta(raw) if meta else raw})
+    return dst
+
+
+def _renamed(t: dict) -> dict:
+    key = next(iter(t))
+    return {**{k: v for k, v in t.items() if k != key}, key + "_x": t[key]}
+
+
+def _nan(t: dict) -> dict:
+    key = next(k for k in t if k.startswith("backbone.") and t[k].is_floating_point())
+    bad = t[key].clone()
+    bad.view(-1)[0] = float("nan")
+    return {**t, key: bad}
+
+
+@pytest.mark.parametrize("meta, tensors, named", [
+    (lambda raw: raw[:-5], None, "not valid JSON"),
+    (lambda raw: "[1, 2]", None, "model block"),
+    (lambda raw: json.dumps({k: v for k, v in json.loads(raw).items() if k != "model"}), None, "model block"),
+    (lambda raw: json.dumps({**json.loads(raw), "model": {**json.loads(raw)["model"], "channels": 32}}), None,
+     "needs"),
+    (lambda raw: json.dumps({**json.loads(raw), "model": {**json.loads(raw)["model"], "depth": 3}}), None,
+     "unknown key"),
+    (lambda raw: json.dumps({**json.loads(raw), "model": {**json.loads(raw)["model"], "norm_scope": "x"}}), None,
+     "is not one of"),
+    (None, _renamed, "do not match"),
+    (None, _nan, "NaN"),
+    (None, lambda t: {k: v.half() for k, v in t.items()}, "float16"),
+])
+def test_bad_checkpoints_are_one_line(meta, tensors, named: str, tmp_path: Path) -> None:
+    bad = _edit(DEFAULT_MODEL, tmp_path / "bad.safetensors", meta, tensors)
+    with pytest.raises(InputError, match=named):
+        load_checkpoint(bad)
+    demo = tmp_path / "demo"
+    CliRunner().invoke(app, ["synth", "--out", str(demo), "--pairs", "1", "--width", "32", "--height", "32"])
+    result = CliRunner().invoke(app, ["fuse", "--model", str(bad), "--ir", str(demo / "ir"), "--vi",
+                                      str(demo / "vi"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "bad.safetensors" in result.output, \
+        result.output
+
+
+# 11, 14: params
+
+
+@pytest.mark.parametrize("section, values, named", [
+    ("train", {"epochs": -1}, "epochs"), ("train", {"epochs": 0}, "epochs"), ("train", {"batch_size": 0}, "batch"),
+    ("train", {"num_workers": 0}, "num_workers"), ("train", {"batch_size": 9, "num_workers": 2}, "multiple"),
+    ("train", {"run_name": "../x"}, "run_name"), ("shard", {"stride": 0}, "stride"),
+    ("shard", {"max_samples_per_shard": 0}, "max_samples"), ("shard", {"shard_multiple": 0}, "shard_multiple"),
+    ("shard", {"patch_size": -5}, "patch_size"), ("train", {"val_set": "nope/test"}, "val_set"),
+    ("evaluate", {"primary_set": "foo/bar"}, "primary_set"), ("register", {"gate_metrics": ["FOO"]}, "FOO"),
+    ("register", {"gate_metrics": ["MSE"]}, "MSE"), ("register", {"min_wins": 99}, "min_wins"),
+    ("model", {"input_scale": 0}, "input_scale"),
+])
+def test_nonsense_params_fail_at_load(section: str, values: dict, named: str, tmp_path: Path) -> None:
+    params = {**DEMO, section: {**DEMO.get(section, {}), **values}}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match=named):
+        load_params(path)
+
+
+def test_gate_metric_names_are_the_main_metrics() -> None:
+    assert GATE_METRICS == MAIN_METRICS
+
+
+@pytest.mark.parametrize("text, named", [("train: [unclosed", "not valid YAML"), (None, "no such params file")])
+def test_params_file_problems_are_one_line(text: str | None, named: str, tmp_path: Path) -> None:
+    if text is not None:
+        (tmp_path / "p.yaml").write_text(text)
+    _one_line_error(_stage(tmp_path, "prepare", "--params", "p.yaml", "--out", "m.json"), named)
+
+
+def test_missing_list_file_and_stale_manifest_are_one_line(tmp_path: Path) -> None:
+    proj = _project(tmp_path)
+    params = {**DEMO, "prepare": {"datasets": [{"name": "demo", "root": "data/demo", "lists": {"train": "nope.txt"}}]}}
+    (proj / "p.yaml").write_text(yaml.safe_dump(params))
+    _one_line_error(_stage(proj, "prepare", "--params", "p.yaml", "--out", "m.json"), "nope.txt")
+    (proj / "old.json").write_text(json.dumps({"version": 1, "datasets": {}}))
+    with pytest.raises(InputError, match="rerun the prepare stage"):
+        read_manifest(proj / "old.json")
+
+
+def test_evaluate_checks_before_touching_its_report(tmp_path: Path) -> None:
+    proj = _project(tmp_path)
+    assert _stage(proj, "fuse", "--model", str(DEFAULT_MODEL), "--shards", "data/shards", "--out", "fused"
+                  ).returncode == 0
+    (proj / "report").mkdir()
+    (proj / "report" / "mine.txt").write_text("keep")
+    args = ["--fused", "fused", "--shards", "data/shards", "--model", str(DEFAULT_MODEL), "--metrics", "m.json",
+            "--report", "report"]
+    _one_line_error(_stage(proj, "evaluate", *args), "not an earlier output of the evaluate stage")
+    assert (proj / "report" / "mine.txt").read_text() == "keep" and not (proj / "m.json").exists()
+
+
+# 12: the leak check compares pixels
+
+
+def test_reencoded_training_pairs_are_a_leak(tmp_path: Path) -> None:
+    proj = _project(tmp_path)
+    manifest = read_manifest(proj / "data" / "manifest.json")
+    copy = proj / "copy"
+    for entry in manifest["datasets"]["demo"]["pairs"]:  # every pair: whichever the split, two are training pairs
+        for kind in ("ir", "vi"):
+            (copy / kind).mkdir(parents=True, exist_ok=True)
+            Image.open(proj / entry[kind]).save(copy / kind / f"c{entry['id']}.png", compress_level=1)
+    assert (copy / "ir" / f"c{entry['id']}.png").read_bytes() != (proj / entry["ir"]).read_bytes()
+    p = build(Params, {"prepare": {"datasets": [{"name": "demo", "root": str(proj / "data" / "demo"),
+                                                 "ratio": {"train": 0.5, "test": 0.5}},
+                                                {"name": "copy", "root": str(copy)}]},
+                       "shard": {"train": ["demo/train"], "eval": ["copy/test"], "patch_size": 32, "stride": 32}})
+    with pytest.raises(InputError, match="same pixels"):
+        write_shards(build_manifest(p.prepare), p.shard, tmp_path / "shards")
+
+
+# 13: no long waits on an unreachable tracking server
+
+
+def test_unreachable_registry_fails_fast(tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+    CliRunner().invoke(app, ["synth", "--out", str(demo), "--pairs", "1", "--width", "32", "--height", "32"])
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "cs2fusion", "fuse", "--model", "models:/nope@champion", "--ir",
+                           str(demo / "ir"), "--vi", str(demo / "vi"), "--out", str(tmp_path / "o")],
+                          env=env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}"), capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    assert time.monotonic() - start < 30
+    _one_line_error(proc, "not reachable")
+    proc = subprocess.run([sys.executable, "-m", "cs2fusion", "fuse", "--model", "models:/nope@champion", "--ir",
+                           str(demo / "ir"), "--vi", str(demo / "vi"), "--out", str(tmp_path / "o")],
+                          env=env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    _one_line_error(proc, "MLFLOW_TRACKING_URI")
+    assert not (tmp_path / "mlflow.db").exists()  # no store created by asking
+
+
+def test_readme_serves_on_loopback() -> None:
+    text = (REPO / "README.md").read_text()
+    assert "0.0.0.0" not in text and "--host 127.0.0.1" in text
+
+
+# 14: the rest
+
+
+def test_dangling_symlink_is_named_as_such(tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+    CliRunner().invoke(app, ["synth", "--out", str(demo), "--pairs", "2", "--width", "32", "--height", "32"])
+    (demo / "ir" / "demo002.png").unlink()
+    (demo / "ir" / "demo002.png").symlink_to(tmp_path / "gone.png")
+    result = CliRunner().invoke(app, ["fuse", "--ir", str(demo / "ir"), "--vi", str(demo / "vi"), "--out",
+                                      str(tmp_path / "o")])
+    assert result.exit_code == 2 and "broken symbolic link" in result.output and "demo002.png" in result.output
+
+
+def test_psnr_of_a_black_image_does_not_crash() -> None:
+    ir = np.full((8, 8), 50, np.uint8)
+    assert psnr(np.zeros((8, 8), np.uint8), ir, ir) == -np.inf
+    assert psnr(ir, ir, ir) == np.inf
+
+
+def test_output_files_follow_the_umask(tmp_path: Path) -> None:
+    demo = tmp_path / "demo"
+    CliRunner().invoke(app, ["synth", "--out", str(demo), "--pairs", "1", "--width", "32", "--height", "32"])
+    mask = os.umask(0o027)
+    try:
+        result = CliRunner().invoke(app, ["fuse", "--ir", str(demo / "ir"), "--vi", str(demo / "vi"), "--out",
+                                          str(tmp_path / "o")])
+    finally:
+        os.umask(mask)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "o" / "demo001.png").stat().st_mode & 0o777 == 0o640
+    assert read_image(tmp_path / "o" / "demo001.png").shape == (32, 32, 3)
