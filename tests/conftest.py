@@ -126,6 +126,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
+    """A real ``mlflow server`` on 127.0.0.1:``port`` over ``folder`` (sqlite store, local artifacts), up and
+    answering ``/health`` when this returns."""
+    import urllib.request
+
+    from tests.tiny import env
+
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
+         str(folder / "artifacts"), "--workers", "1"],
+        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
+            time.sleep(1)
+
+
 @pytest.fixture(scope="session")
 def ray_head() -> Iterator[tuple[str, Path]]:
     """One Ray head per session on 127.0.0.1 (``ray start --head``, 2 CPUs) for the tests that can share it:

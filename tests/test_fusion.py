@@ -4,7 +4,9 @@ batching, buffer reuse, threads, bf16, and where the compiled kernel applies."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -127,6 +129,20 @@ def test_kernel_override_and_missing_tools(monkeypatch: pytest.MonkeyPatch, capl
     with caplog.at_level(logging.WARNING):
         assert kernels.winograd_head.__wrapped__() is None
     assert "no C++ compiler" in caplog.text
+
+
+def test_kernel_is_not_rebuilt_by_a_process_with_another_ninja(winograd_kernel) -> None:
+    """Every process builds with the pip package's ninja, whatever PATH it has: a system ninja first on PATH used to
+    hash the build command differently and rebuild the shared build (about a minute) on every switch."""
+    log = kernels.build_location() / ".ninja_log"
+    before = log.read_text()
+    system_path = "/usr/local/bin:/usr/bin:/bin"
+    for path in (system_path, f"{Path(sys.executable).parent}:{system_path}"):
+        proc = subprocess.run([sys.executable, "-c", "from cs2fusion.inference import kernels; "
+                               "assert kernels.winograd_head() is not None"], env={**os.environ, "PATH": path},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert log.read_text() == before
 
 
 def test_kernel_cache_is_keyed_by_source_and_torch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -16,8 +16,9 @@ import pytest
 
 from cs2fusion.checkpoint import load_checkpoint, save_checkpoint
 from cs2fusion.inference import Fuser
+from cs2fusion.inference.kernels import build_location
 from cs2fusion.io import read_image
-from tests.conftest import DATA, RS40, free_port
+from tests.conftest import DATA, RS40, free_port, start_mlflow_server
 from tests.tiny import env
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
@@ -27,28 +28,17 @@ GOOD = {"EN": 7.0, "SD": 40.0, "SF": 12.0, "AG": 4.0, "MI": 3.0, "SCD": 1.3, "VI
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    folder = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
-         str(folder / "artifacts"), "--workers", "1"],
-        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
-            time.sleep(1)
-    yield uri
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port)
+    yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=30)
 
 
-def _register(uri: str, checkpoint: Path, evaluation: dict, tmp: Path, name: str = NAME) -> dict:
+ON = {"set": "rs40/test", "metrics": "mmif-cddfuse-1"}
+
+
+def _register(uri: str, checkpoint: Path, evaluation: dict, tmp: Path, name: str = NAME, on: dict = ON) -> dict:
     from pipeline.mlflow_adapter import new_run
     from pipeline.registry import register
 
@@ -56,8 +46,8 @@ def _register(uri: str, checkpoint: Path, evaluation: dict, tmp: Path, name: str
     model = tmp / f"{tracker.run_id}.safetensors"
     ckpt = load_checkpoint(checkpoint)
     save_checkpoint(model, ckpt.backbone, mlflow_run_id=tracker.run_id)
-    return register(tracker, model, name=name, evaluation=evaluation, gate_metrics=list(GOOD), min_wins=5,
-                    card="# test card", tags={"mlflow_run_id": tracker.run_id})
+    return register(tracker, model, name=name, evaluation=evaluation, judged_on=on, gate_metrics=list(GOOD),
+                    min_wins=5, card="# test card", tags={"mlflow_run_id": tracker.run_id})
 
 
 def test_register_gate_and_fresh_process_load(server: str, published_ckpt: Path, tmp_path: Path) -> None:
@@ -83,6 +73,17 @@ def test_register_gate_and_fresh_process_load(server: str, published_ckpt: Path,
     champion = client.get_model_version_by_alias(NAME, "champion")
     assert champion.version == third["version"] and champion.description == "# test card"
     assert json.loads(champion.tags["decision"])["previous_champion"] == first["version"]
+    assert json.loads(champion.tags["judged_on"]) == ON
+
+    # fails closed: an evaluation of another set is not comparable; a champion whose evaluation tag is gone (an
+    # interrupted register) is never beaten by default
+    much_better = {k: v * 2 for k, v in GOOD.items()}
+    other = _register(server, published_ckpt, much_better, tmp_path, on={**ON, "set": "other/test"})
+    assert not other["promoted"] and "not comparable" in other["reason"]
+    client.delete_model_version_tag(NAME, third["version"], "evaluation")
+    halved = _register(server, published_ckpt, {k: v * 0.5 for k, v in GOOD.items()}, tmp_path)
+    assert not halved["promoted"] and "no readable evaluation" in halved["reason"] and halved["wins"] == []
+    assert client.get_model_version_by_alias(NAME, "champion").version == third["version"]
 
     # The version is a model from code: its files hold our source and the checkpoint, no pickle to load.
     import mlflow
@@ -124,11 +125,16 @@ def test_register_gate_and_fresh_process_load(server: str, published_ckpt: Path,
     for kind in ("ir", "vi"):
         (src / kind).mkdir(parents=True)
         (src / kind / "1.png").write_bytes((RS40 / kind / "1.png").read_bytes())
+    temp = tmp_path / "temp"
+    temp.mkdir()
     proc = subprocess.run([sys.executable, "-m", "cs2fusion", "fuse", "--model", f"models:/{NAME}@champion",
                            "--ir", str(src / "ir"), "--vi", str(src / "vi"), "--out", str(tmp_path / "cli")],
-                          capture_output=True, text=True, env=env(MLFLOW_TRACKING_URI=server), timeout=300,
-                          cwd=elsewhere)
+                          capture_output=True, text=True, timeout=300, cwd=elsewhere,
+                          env=env(MLFLOW_TRACKING_URI=server, TMPDIR=str(temp), HOME=str(tmp_path / "home"),
+                                  CS2FUSION_KERNEL_CACHE=str(build_location().parents[2])))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(temp.iterdir())  # the download is not left behind; the checkpoint is kept in the cache
+    assert len(list((tmp_path / "home" / ".cache" / "cs2fusion" / "models").glob("*.safetensors"))) == 1
     expected = fuser.fuse(vis=read_image(RS40 / "vi" / "1.png"), ir=read_image(RS40 / "ir" / "1.png"))
     assert np.array_equal(read_image(tmp_path / "cli" / "1.png"), expected)
 

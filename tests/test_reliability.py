@@ -390,3 +390,47 @@ def test_output_files_follow_the_umask(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert (tmp_path / "o" / "demo001.png").stat().st_mode & 0o777 == 0o640
     assert read_image(tmp_path / "o" / "demo001.png").shape == (32, 32, 3)
+
+
+# 6: the promotion gate fails closed
+
+
+GOOD = {m: 1.0 for m in GATE_METRICS}
+ON = {"set": "rs40/test", "metrics": "mmif-cddfuse-1"}
+
+
+def _champion(evaluation: dict | None = GOOD, judged_on: dict | None = ON, version: str = "1") -> tuple:
+    tags = {}
+    if evaluation is not None:
+        tags["evaluation"] = json.dumps(evaluation)
+    if judged_on is not None:
+        tags["judged_on"] = json.dumps(judged_on)
+    return version, tags
+
+
+@pytest.mark.parametrize("champion, promoted, reason", [
+    ((None, None), True, "no champion"),
+    (_champion(), False, "won 0 of 9"),
+    (_champion({m: 0.5 for m in GATE_METRICS}), True, "won 9 of 9"),
+    (_champion(evaluation=None), False, "no readable evaluation"),
+    (_champion(evaluation={"EN": 0.1}), False, "no readable evaluation"),
+    (("1", {"evaluation": "{not json", "judged_on": json.dumps(ON)}), False, "no readable evaluation"),
+    (_champion({m: 0.5 for m in GATE_METRICS}, judged_on=None), False, "no readable evaluation"),
+    (_champion({m: 0.5 for m in GATE_METRICS}, judged_on={**ON, "set": "other/test"}), False, "not comparable"),
+])
+def test_gate_fails_closed(champion: tuple, promoted: bool, reason: str) -> None:
+    from pipeline.registry import judge
+
+    decision = judge(GOOD, ON, champion, list(GATE_METRICS), 5)
+    assert decision["promoted"] is promoted and reason in decision["reason"], decision
+    assert decision["judged_on"] == ON
+
+
+def test_gate_metrics_are_checked_before_registering(tmp_path: Path) -> None:
+    from pipeline.mlflow_adapter import Tracker
+    from pipeline.registry import register
+
+    tracker = Tracker(f"http://127.0.0.1:{free_port()}", "run")  # never reached: the check comes first
+    with pytest.raises(InputError, match="no \\['SSIM'\\]"):
+        register(tracker, DEFAULT_MODEL, name="m", evaluation={m: 1.0 for m in GATE_METRICS if m != "SSIM"},
+                 judged_on=ON, gate_metrics=list(GATE_METRICS), min_wins=5, card="", tags={})

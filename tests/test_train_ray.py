@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
@@ -13,8 +18,8 @@ from typer.testing import CliRunner
 from cs2fusion.checkpoint import read_meta
 from cs2fusion.cli import app
 from cs2fusion.io import read_image
-from tests.conftest import DATA
-from tests.tiny import prepare_and_shard, stage, write_params
+from tests.conftest import DATA, free_port, start_mlflow_server
+from tests.tiny import env, prepare_and_shard, stage, write_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.data]
 
@@ -111,18 +116,122 @@ def test_other_model_width_trains_validates_and_fuses(ray_head: tuple[str, Path]
     assert read_image(tmp_path / "out" / "3.png").shape == read_image(pairs / "vi" / "3.png").shape
 
 
-def test_stopped_run_resumes_on_request(ray_head: tuple[str, Path], shards: Path, tmp_path: Path) -> None:
-    write_params(tmp_path, train={"max_failures": 0})
-    marker = tmp_path / "failed_once"
-    with pytest.raises(AssertionError, match="pipeline.train failed"):
-        _train(tmp_path, shards, CS2FUSION_FAIL_AT_STEP="5", CS2FUSION_FAIL_MARKER=str(marker),
-               RAY_ADDRESS=ray_head[0])
-    run_id = (tmp_path / "runs" / "train" / "mlflow_run_id").read_text().strip()
-    assert _client(tmp_path).get_run(run_id).info.status == "FAILED"
-    stage(tmp_path, "train", "--shards", str(shards), "--out", "models/model.safetensors", "--metrics",
-          "metrics/train.json", "--resume", RAY_ADDRESS=ray_head[0])
+def _wait_for_checkpoints(run_dir: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while len(list(run_dir.glob("checkpoint_*"))) < count:
+        assert proc.poll() is None, f"the stage ended before {count} checkpoints ({proc.returncode})"
+        assert time.time() < deadline, "no checkpoints"
+        time.sleep(0.2)
+
+
+def _single_run(folder: Path) -> tuple[MlflowClient, Any]:
+    client = _client(folder)
+    runs = client.search_runs([client.get_experiment_by_name("cs2fusion").experiment_id])
+    assert len(runs) == 1, [(r.info.run_id, r.info.status) for r in runs]
+    return client, runs[0]
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+TRAIN_STAGE = """stages:
+  train:
+    cmd: python -m pipeline.train --shards data/shards --out models/model.safetensors --metrics metrics/train.json
+    deps: [data/shards]
+    params: [train]
+    outs: [models/model.safetensors]
+    metrics:
+      - metrics/train.json:
+          cache: false
+"""
+
+
+def test_killed_stage_continues_under_dvc_repro(ray_head: tuple[str, Path], shards: Path, tmp_path: Path) -> None:
+    """kill -9 of the train stage mid-run, then ``dvc repro``: it continues from the last checkpoint in the same
+    MLflow run (FINISHED, each step logged once), and the result reaches dvc.lock."""
+    write_params(tmp_path, train={"epochs": 8, "val_set": ""})
+    shutil.copytree(shards, tmp_path / "data" / "shards")
+    (tmp_path / "dvc.yaml").write_text(TRAIN_STAGE)
+    dvc = str(Path(sys.executable).parent / "dvc")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([dvc, *args], cwd=tmp_path, env=env(RAY_ADDRESS=ray_head[0]), capture_output=True,
+                              text=True, timeout=600)
+
+    assert run("init", "--no-scm", "-q").returncode == 0
+    repro = subprocess.Popen([dvc, "repro"], cwd=tmp_path, env=env(RAY_ADDRESS=ray_head[0]),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_checkpoints(tmp_path / "runs" / "train", 2, repro)
+    stage = next(p for p in psutil.Process(repro.pid).children(recursive=True)
+                 if "pipeline.train" in " ".join(p.cmdline()))
+    stage.kill()
+    assert repro.wait(timeout=120) != 0
+    killed_run = (tmp_path / "runs" / "train" / "mlflow_run_id").read_text().strip()
+
+    proc = run("repro")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     final = json.loads((tmp_path / "metrics" / "train.json").read_text())
-    assert final["mlflow_run_id"] == run_id and final["epoch"] == 3 and final["step"] == 9
-    client = _client(tmp_path)
-    assert [m.value for m in client.get_metric_history(run_id, "resume/from_epoch")] == [1.0]
-    assert client.get_run(run_id).info.status == "FINISHED"
+    assert final["epoch"] == 8 and final["step"] == 24 and final["mlflow_run_id"] == killed_run
+    client, mlflow_run = _single_run(tmp_path)
+    assert mlflow_run.info.status == "FINISHED"
+    resumed = client.get_metric_history(killed_run, "resume/from_epoch")
+    assert len(resumed) == 1 and resumed[0].value >= 1  # the latest checkpoint Ray had registered
+    assert _steps(client, killed_run, "loss/backbone") == list(range(1, 25))  # each step once, none missing
+    assert _steps(client, killed_run, "epoch/loss/backbone") == list(range(1, 9))
+    status = run("status", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout  # dvc.lock has the result
+
+
+def test_tracking_outage_does_not_stop_training(ray_head: tuple[str, Path], shards: Path, tmp_path: Path) -> None:
+    """The tracking server stops for 60 s mid-run: training goes on, buffered metrics arrive once it is back."""
+    write_params(tmp_path, train={"epochs": 6, "val_set": ""})
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
+    uri = f"http://127.0.0.1:{port}"
+    train = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--shards", str(shards), "--out", "models/model.safetensors",
+         "--metrics", "metrics/train.json"], cwd=tmp_path, env=env(RAY_ADDRESS=ray_head[0], MLFLOW_TRACKING_URI=uri),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_checkpoints(tmp_path / "runs" / "train", 1, train)
+        server.terminate()
+        server.wait(timeout=30)
+        time.sleep(60)
+        server = start_mlflow_server(tmp_path, port)
+        output, _ = train.communicate(timeout=900)
+        assert train.returncode == 0, output[-4000:]
+        client = MlflowClient(uri)
+        run_id = json.loads((tmp_path / "metrics" / "train.json").read_text())["mlflow_run_id"]
+        assert client.get_run(run_id).info.status == "FINISHED"
+        assert _steps(client, run_id, "loss/backbone") == list(range(1, 19))
+        assert _steps(client, run_id, "epoch/loss/backbone") == list(range(1, 7))
+        assert {a.path for a in client.list_artifacts(run_id, "model")} == {"model/model.safetensors"}
+        assert not (tmp_path / "runs" / "train" / "unlogged_metrics.jsonl").exists()
+    finally:
+        train.kill()
+        server.terminate()
+
+
+def test_preflight_fails_fast_and_keeps_the_previous_run(shards: Path, tmp_path: Path) -> None:
+    """An unreachable tracking server or a missing start checkpoint: one line within seconds, before Ray starts,
+    and the previous run's folder is left as it was."""
+    write_params(tmp_path)
+    previous = tmp_path / "runs" / "train"
+    previous.mkdir(parents=True)
+    (previous / "checkpoint_old").mkdir()
+    args = ["--shards", str(shards), "--out", "models/model.safetensors"]
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=tmp_path, capture_output=True,
+                          text=True, env=env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}"), timeout=300)
+    assert proc.returncode == 2 and "not reachable" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert time.monotonic() - start < 60 and (previous / "checkpoint_old").is_dir()
+    write_params(tmp_path, train={"init_from": "nope.safetensors"})
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=tmp_path, capture_output=True,
+                          text=True, env=env(), timeout=300)
+    assert proc.returncode == 2 and "nope.safetensors" in proc.stderr.splitlines()[-1], proc.stderr
+    write_params(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", *args, "--resume", "must"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env(), timeout=300)
+    assert proc.returncode == 2 and "nothing to resume" in proc.stderr, proc.stderr
+    assert (previous / "checkpoint_old").is_dir()
