@@ -163,11 +163,19 @@ class Tracker:
         self.client.set_terminated(self.run_id, status)
 
 
+def _refused(err: Exception) -> bool:
+    """A 4xx answer (bad request, not found…; not 429, too many requests): the request itself was refused."""
+    from mlflow.exceptions import MlflowException
+
+    status = err.get_http_status_code() if isinstance(err, MlflowException) else 500
+    return 400 <= status < 500 and status != 429
+
+
 class BufferedTracker:
     """Metrics and artifacts for one run, sent by a background thread: the training loop never waits for the
-    tracking server and never fails because of it. A failed send is retried (1 s doubling to 30 s) until it goes
-    through; :meth:`close` waits up to its timeout for the rest, then writes what is left to ``spill`` (JSON lines)
-    and says so."""
+    tracking server and never fails because of it. A failed send is retried (1 s doubling to 10 s: a failed
+    request is cheap, and the buffer drains soon after the server is back) until it goes through; :meth:`close`
+    waits up to its timeout for the rest, then writes what is left to ``spill`` (JSON lines) and says so."""
 
     def __init__(self, tracker: Tracker, spill: Path) -> None:
         self.tracker, self.spill = tracker, spill
@@ -210,6 +218,9 @@ class BufferedTracker:
                     delay = 1.0
                     break
                 except Exception as err:  # an outage: keep the item, wait, try again
+                    if _refused(err):  # the server answered no: retrying cannot help
+                        log.warning("MLflow refused a %s for run %s, dropped: %s", item[0], self.run_id, err)
+                        break
                     wait = min(delay, self.deadline - time.monotonic())
                     if wait <= 0:
                         self.unsent = [item]
@@ -217,7 +228,7 @@ class BufferedTracker:
                     log.warning("MLflow unreachable (%s); logging buffered, retrying in %.0f s",
                                 type(err).__name__, wait)
                     time.sleep(wait)
-                    delay = min(delay * 2, 30.0)
+                    delay = min(delay * 2, 10.0)
 
     def close(self, timeout_s: float) -> int:
         """Waits up to ``timeout_s`` for every buffered item to be sent; spills the rest; returns how many."""

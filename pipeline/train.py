@@ -106,11 +106,12 @@ def train_loop(config: dict[str, Any]) -> None:
             load_optim_state(state, torch.load(Path(folder) / STATE_FILE, weights_only=True))
         log.info("rank %d resumed at epoch %d, step %d", rank, state.epoch, state.step)
         if tracker:
-            try:  # what the stopped attempt logged after its checkpoint is not logged twice
-                logged = plain.last_steps(list(logged))
-            except Exception as err:  # the server may be down now: then duplicates are possible, nothing is lost
-                log.warning("could not read the logged steps of run %s (%s)", plain.run_id, type(err).__name__)
             tracker.metrics({"resume/from_epoch": state.epoch, "resume/from_step": state.step}, step=state.step)
+    if tracker and (resumed or config["continuing"]):
+        try:  # what a stopped attempt logged after its last checkpoint (or before any) is not logged twice
+            logged = plain.last_steps(list(logged))
+        except Exception as err:  # the server may be down now: then duplicates are possible, nothing is lost
+            log.warning("could not read the logged steps of run %s (%s)", plain.run_id, type(err).__name__)
     state.backbone_train = ray.train.torch.prepare_model(backbone)
     state.cpn_train = ray.train.torch.prepare_model(cpn)
 
@@ -185,11 +186,22 @@ def _loss_plot(tracker: Any, out: Path) -> None:
     plt.close(fig)
 
 
+def code_digest() -> str:
+    """sha256 of the training code: the ``cs2fusion`` package and this stage (a fix to the loss is a new run)."""
+    repo = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*(repo / "cs2fusion").rglob("*.py"), *(repo / "cs2fusion").rglob("*.cpp"),
+                        repo / "pipeline" / "train.py", repo / "pipeline" / "progress.py"]):
+        digest.update(path.relative_to(repo).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def fingerprint(params: Params, shards_sha256: str) -> str:
     """What makes two runs the same run: the model, impair and train params (less the knobs a resumed run may
-    change) and the training shards."""
+    change), the training shards and the training code."""
     train = {k: v for k, v in to_dict(params.train).items() if k not in RESUMABLE_KNOBS}
-    what = {"model": to_dict(params.model), "impair": to_dict(params.impair), "train": train, "shards": shards_sha256}
+    what = {"model": to_dict(params.model), "impair": to_dict(params.impair), "train": train, "shards": shards_sha256,
+            "code": code_digest()}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -199,15 +211,15 @@ def plan_run(run_dir: Path, mode: str, print_: str) -> tuple[bool, Path | None]:
     previous = (run_dir / FINGERPRINT_FILE).read_text().strip() if (run_dir / FINGERPRINT_FILE).is_file() else None
     same = previous == print_ and (run_dir / RUN_ID_FILE).is_file()
     if mode == "must" and not same:
-        why = "other params or shards" if previous else "nothing to resume"
+        why = "other params, shards or code" if previous else "nothing to resume"
         raise InputError(f"{run_dir}: train.resume is 'must' but {why} there")
-    if same and mode == "auto":
+    if same and mode in ("auto", "must"):
         return True, None
     if not run_dir.exists():
         return False, None
     aside = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
     os.replace(run_dir, aside)
-    reason = "train.resume is 'never'" if same else "its params or shards differ"
+    reason = "train.resume is 'never'" if same else "its params, shards or code differ"
     log.warning("previous run moved aside to %s (%s); starting a new run", aside, reason)
     return False, aside
 
@@ -280,7 +292,7 @@ def fit(params: Params, *, shards: Path, out: Path, metrics_out: Path | None, ro
         (run_dir / RUN_ID_FILE).write_text(tracker.run_id)
         (run_dir / FINGERPRINT_FILE).write_text(print_ + "\n")
     config = {"params": to_dict(params), "shards": str(shards.resolve()), "tracking_uri": uri,
-              "run_id": tracker.run_id, "spill": str(run_dir / SPILL_FILE),
+              "run_id": tracker.run_id, "spill": str(run_dir / SPILL_FILE), "continuing": resume,
               "fail_at_step": int(os.environ.get("CS2FUSION_FAIL_AT_STEP", "0")),
               "fail_marker": os.environ.get("CS2FUSION_FAIL_MARKER", str(run_dir / "failed_once"))}
     if not ray.is_initialized():

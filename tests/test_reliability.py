@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from cs2fusion.checkpoint import load_checkpoint, save_checkpoint
+from cs2fusion.checkpoint import load_checkpoint
 from cs2fusion.cli import app
 from cs2fusion.config import GATE_METRICS, ModelParams, Params, ParamsError, build, load_params
 from cs2fusion.data.manifest import build_manifest, read_manifest
@@ -165,8 +165,8 @@ def test_colliding_ids_get_distinct_keys(tmp_path: Path) -> None:
     demo = tmp_path / "ids"
     for kind in ("ir", "vi"):
         (demo / kind).mkdir(parents=True)
-        for name in ("p.1", "p_1"):
-            Image.fromarray(np.full((40, 40), 100 if name == "p.1" else 200, np.uint8)).save(demo / kind / f"{name}.png")
+        for name, level in (("p.1", 100), ("p_1", 200)):
+            Image.fromarray(np.full((40, 40), level, np.uint8)).save(demo / kind / f"{name}.png")
     p = build(Params, {"prepare": {"datasets": [{"name": "d", "root": str(demo)}]}, "shard": {"eval": ["d/test"]}})
     write_shards(build_manifest(p.prepare), p.shard, tmp_path / "shards")
     samples = list(read_samples(set_files(tmp_path / "shards", "d/test")))
@@ -434,3 +434,39 @@ def test_gate_metrics_are_checked_before_registering(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no \\['SSIM'\\]"):
         register(tracker, DEFAULT_MODEL, name="m", evaluation={m: 1.0 for m in GATE_METRICS if m != "SSIM"},
                  judged_on=ON, gate_metrics=list(GATE_METRICS), min_wins=5, card="", tags={})
+
+
+# 4, 5, 7: runs are moved aside, never deleted; logging that cannot reach the server is kept
+
+
+def test_previous_runs_are_resumed_or_moved_aside(tmp_path: Path) -> None:
+    from pipeline.train import FINGERPRINT_FILE, RUN_ID_FILE, plan_run
+
+    run = tmp_path / "runs" / "train"
+    assert plan_run(run, "auto", "f1") == (False, None)
+    with pytest.raises(InputError, match="nothing to resume"):
+        plan_run(run, "must", "f1")
+    run.mkdir(parents=True)
+    (run / RUN_ID_FILE).write_text("r1")
+    (run / FINGERPRINT_FILE).write_text("f1\n")
+    (run / "checkpoint_000").mkdir()
+    assert plan_run(run, "auto", "f1") == (True, None) and plan_run(run, "must", "f1") == (True, None)
+    with pytest.raises(InputError, match="other params"):
+        plan_run(run, "must", "f2")
+    resume, aside = plan_run(run, "auto", "f2")
+    assert not resume and not run.exists() and (aside / "checkpoint_000").is_dir() and aside.parent == run.parent
+
+
+def test_unsent_metrics_are_spilled_not_lost(tmp_path: Path) -> None:
+    from pipeline.mlflow_adapter import BufferedTracker, Tracker, quick_http
+
+    quick_http()
+    spill = tmp_path / "unlogged.jsonl"
+    buffered = BufferedTracker(Tracker(f"http://127.0.0.1:{free_port()}", "run"), spill)
+    start = time.monotonic()
+    for step in range(3):
+        buffered.metrics({"loss": float(step)}, step=step)  # returns at once: the sender thread does the waiting
+    assert time.monotonic() - start < 1
+    assert buffered.close(timeout_s=2) == 3
+    lines = [json.loads(line) for line in spill.read_text().splitlines()]
+    assert [(x["data"], x["step_or_folder"]) for x in lines] == [({"loss": float(s)}, s) for s in range(3)]

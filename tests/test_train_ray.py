@@ -17,6 +17,9 @@ from typer.testing import CliRunner
 
 from cs2fusion.checkpoint import read_meta
 from cs2fusion.cli import app
+from cs2fusion.config import load_params
+from cs2fusion.io import InputError
+from pipeline.train import fit
 from cs2fusion.io import read_image
 from tests.conftest import DATA, free_port, start_mlflow_server
 from tests.tiny import env, prepare_and_shard, stage, write_params
@@ -116,11 +119,18 @@ def test_other_model_width_trains_validates_and_fuses(ray_head: tuple[str, Path]
     assert read_image(tmp_path / "out" / "3.png").shape == read_image(pairs / "vi" / "3.png").shape
 
 
-def _wait_for_checkpoints(run_dir: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while len(list(run_dir.glob("checkpoint_*"))) < count:
-        assert proc.poll() is None, f"the stage ended before {count} checkpoints ({proc.returncode})"
-        assert time.time() < deadline, "no checkpoints"
+def _wait_for_checkpoint(run_dir: Path, epoch: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until Ray has registered a checkpoint of ``epoch`` or later (its snapshot file, not just the folder)."""
+    deadline, snapshot = time.time() + timeout, run_dir / "checkpoint_manager_snapshot.json"
+    while True:
+        try:
+            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"]
+        except (OSError, ValueError, KeyError, TypeError):
+            latest = 0
+        if latest >= epoch:
+            return
+        assert proc.poll() is None, f"the stage ended before a checkpoint of epoch {epoch} ({proc.returncode})"
+        assert time.time() < deadline, "no checkpoint"
         time.sleep(0.2)
 
 
@@ -150,7 +160,7 @@ TRAIN_STAGE = """stages:
 def test_killed_stage_continues_under_dvc_repro(ray_head: tuple[str, Path], shards: Path, tmp_path: Path) -> None:
     """kill -9 of the train stage mid-run, then ``dvc repro``: it continues from the last checkpoint in the same
     MLflow run (FINISHED, each step logged once), and the result reaches dvc.lock."""
-    write_params(tmp_path, train={"epochs": 8, "val_set": ""})
+    write_params(tmp_path, train={"epochs": 6, "val_set": ""})
     shutil.copytree(shards, tmp_path / "data" / "shards")
     (tmp_path / "dvc.yaml").write_text(TRAIN_STAGE)
     dvc = str(Path(sys.executable).parent / "dvc")
@@ -162,7 +172,7 @@ def test_killed_stage_continues_under_dvc_repro(ray_head: tuple[str, Path], shar
     assert run("init", "--no-scm", "-q").returncode == 0
     repro = subprocess.Popen([dvc, "repro"], cwd=tmp_path, env=env(RAY_ADDRESS=ray_head[0]),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_checkpoints(tmp_path / "runs" / "train", 2, repro)
+    _wait_for_checkpoint(tmp_path / "runs" / "train", 2, repro)
     stage = next(p for p in psutil.Process(repro.pid).children(recursive=True)
                  if "pipeline.train" in " ".join(p.cmdline()))
     stage.kill()
@@ -172,13 +182,13 @@ def test_killed_stage_continues_under_dvc_repro(ray_head: tuple[str, Path], shar
     proc = run("repro")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     final = json.loads((tmp_path / "metrics" / "train.json").read_text())
-    assert final["epoch"] == 8 and final["step"] == 24 and final["mlflow_run_id"] == killed_run
+    assert final["epoch"] == 6 and final["step"] == 18 and final["mlflow_run_id"] == killed_run
     client, mlflow_run = _single_run(tmp_path)
     assert mlflow_run.info.status == "FINISHED"
     resumed = client.get_metric_history(killed_run, "resume/from_epoch")
-    assert len(resumed) == 1 and resumed[0].value >= 1  # the latest checkpoint Ray had registered
-    assert _steps(client, killed_run, "loss/backbone") == list(range(1, 25))  # each step once, none missing
-    assert _steps(client, killed_run, "epoch/loss/backbone") == list(range(1, 9))
+    assert len(resumed) == 1 and resumed[0].value >= 2
+    assert _steps(client, killed_run, "loss/backbone") == list(range(1, 19))  # each step once, none missing
+    assert _steps(client, killed_run, "epoch/loss/backbone") == list(range(1, 7))
     status = run("status", "--json")
     assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout  # dvc.lock has the result
 
@@ -194,7 +204,7 @@ def test_tracking_outage_does_not_stop_training(ray_head: tuple[str, Path], shar
          "--metrics", "metrics/train.json"], cwd=tmp_path, env=env(RAY_ADDRESS=ray_head[0], MLFLOW_TRACKING_URI=uri),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for_checkpoints(tmp_path / "runs" / "train", 1, train)
+        _wait_for_checkpoint(tmp_path / "runs" / "train", 1, train)
         server.terminate()
         server.wait(timeout=30)
         time.sleep(60)
@@ -226,12 +236,11 @@ def test_preflight_fails_fast_and_keeps_the_previous_run(shards: Path, tmp_path:
                           text=True, env=env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}"), timeout=300)
     assert proc.returncode == 2 and "not reachable" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert time.monotonic() - start < 60 and (previous / "checkpoint_old").is_dir()
-    write_params(tmp_path, train={"init_from": "nope.safetensors"})
-    proc = subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=tmp_path, capture_output=True,
-                          text=True, env=env(), timeout=300)
-    assert proc.returncode == 2 and "nope.safetensors" in proc.stderr.splitlines()[-1], proc.stderr
-    write_params(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.train", *args, "--resume", "must"], cwd=tmp_path,
-                          capture_output=True, text=True, env=env(), timeout=300)
-    assert proc.returncode == 2 and "nothing to resume" in proc.stderr, proc.stderr
-    assert (previous / "checkpoint_old").is_dir()
+    # the same checks in-process (no second start-up): a missing start checkpoint, nothing to resume
+    params = load_params(write_params(tmp_path, train={"init_from": str(tmp_path / "nope.safetensors")}))
+    with pytest.raises(InputError, match="nope.safetensors"):
+        fit(params, shards=shards, out=tmp_path / "m.safetensors", metrics_out=None, root=tmp_path)
+    params = load_params(write_params(tmp_path, train={"resume": "must", "storage_path": str(tmp_path / "runs")}))
+    with pytest.raises(InputError, match="nothing to resume"):
+        fit(params, shards=shards, out=tmp_path / "m.safetensors", metrics_out=None, root=tmp_path)
+    assert (previous / "checkpoint_old").is_dir() and not (tmp_path / "m.safetensors").exists()
