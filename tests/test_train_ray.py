@@ -160,7 +160,7 @@ TRAIN_STAGE = """stages:
 def test_killed_stage_continues_under_dvc_repro(ray_head: tuple[str, Path], shards: Path, tmp_path: Path) -> None:
     """kill -9 of the train stage mid-run, then ``dvc repro``: it continues from the last checkpoint in the same
     MLflow run (FINISHED, each step logged once), and the result reaches dvc.lock."""
-    write_params(tmp_path, train={"epochs": 6, "val_set": ""})
+    write_params(tmp_path, train={"epochs": 5, "val_set": ""})
     shutil.copytree(shards, tmp_path / "data" / "shards")
     (tmp_path / "dvc.yaml").write_text(TRAIN_STAGE)
     dvc = str(Path(sys.executable).parent / "dvc")
@@ -182,20 +182,20 @@ def test_killed_stage_continues_under_dvc_repro(ray_head: tuple[str, Path], shar
     proc = run("repro")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     final = json.loads((tmp_path / "metrics" / "train.json").read_text())
-    assert final["epoch"] == 6 and final["step"] == 18 and final["mlflow_run_id"] == killed_run
+    assert final["epoch"] == 5 and final["step"] == 15 and final["mlflow_run_id"] == killed_run
     client, mlflow_run = _single_run(tmp_path)
     assert mlflow_run.info.status == "FINISHED"
     resumed = client.get_metric_history(killed_run, "resume/from_epoch")
     assert len(resumed) == 1 and resumed[0].value >= 2
-    assert _steps(client, killed_run, "loss/backbone") == list(range(1, 19))  # each step once, none missing
-    assert _steps(client, killed_run, "epoch/loss/backbone") == list(range(1, 7))
+    assert _steps(client, killed_run, "loss/backbone") == list(range(1, 16))  # each step once, none missing
+    assert _steps(client, killed_run, "epoch/loss/backbone") == list(range(1, 6))
     status = run("status", "--json")
     assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout  # dvc.lock has the result
 
 
 def test_tracking_outage_does_not_stop_training(ray_head: tuple[str, Path], shards: Path, tmp_path: Path) -> None:
     """The tracking server stops for 60 s mid-run: training goes on, buffered metrics arrive once it is back."""
-    write_params(tmp_path, train={"epochs": 6, "val_set": ""})
+    write_params(tmp_path, train={"epochs": 4, "val_set": ""})
     port = free_port()
     server = start_mlflow_server(tmp_path, port)
     uri = f"http://127.0.0.1:{port}"
@@ -214,8 +214,8 @@ def test_tracking_outage_does_not_stop_training(ray_head: tuple[str, Path], shar
         client = MlflowClient(uri)
         run_id = json.loads((tmp_path / "metrics" / "train.json").read_text())["mlflow_run_id"]
         assert client.get_run(run_id).info.status == "FINISHED"
-        assert _steps(client, run_id, "loss/backbone") == list(range(1, 19))
-        assert _steps(client, run_id, "epoch/loss/backbone") == list(range(1, 7))
+        assert _steps(client, run_id, "loss/backbone") == list(range(1, 13))
+        assert _steps(client, run_id, "epoch/loss/backbone") == list(range(1, 5))
         assert {a.path for a in client.list_artifacts(run_id, "model")} == {"model/model.safetensors"}
         assert not (tmp_path / "runs" / "train" / "unlogged_metrics.jsonl").exists()
     finally:
