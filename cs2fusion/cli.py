@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from tqdm import tqdm
 
-from cs2fusion.io import InputError, check_writable_folder, refuse_aliasing
+from cs2fusion.io import InputError, check_writable_folder, os_error_line, refuse_aliasing
 from cs2fusion.pretrained import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -21,10 +21,7 @@ log = logging.getLogger("cs2fusion")
 
 def _fail(err: Exception) -> None:
     log.debug("details", exc_info=err)  # the traceback with -v
-    if isinstance(err, OSError):
-        names = [str(n) for n in (err.filename, err.filename2) if n]
-        err = f"{' -> '.join(names) or 'I/O'}: {err.strerror or err}"
-    typer.echo(f"error: {err}", err=True)
+    typer.echo(f"error: {os_error_line(err) if isinstance(err, OSError) else err}", err=True)
     raise typer.Exit(2)
 
 

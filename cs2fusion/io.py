@@ -180,6 +180,12 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def os_error_line(err: OSError) -> str:
+    """``<file>: <reason>`` for a failed read or write (read-only, no space, not a folder…)."""
+    names = [str(n) for n in (err.filename, err.filename2) if n]
+    return f"{' -> '.join(names) or 'I/O'}: {err.strerror or err}"
+
+
 @contextlib.contextmanager
 def _naming(path: str | Path) -> Iterator[None]:
     """A failed write (no space, file too large, read-only) names the file the user asked for."""

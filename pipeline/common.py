@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from cs2fusion.config import Params, ParamsError, load_params
-from cs2fusion.io import InputError
+from cs2fusion.io import InputError, os_error_line
 
 
 VERBOSE_ENV = "CS2FUSION_VERBOSE"
@@ -44,12 +44,6 @@ def setup(args: argparse.Namespace) -> Params:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its own level on import
     return load_params(args.params)
-
-
-def os_error_line(err: OSError) -> str:
-    """``<file>: <reason>`` for a failed read or write (read-only, no space, not a folder…)."""
-    names = [str(n) for n in (err.filename, err.filename2) if n]
-    return f"{' -> '.join(names) or 'I/O'}: {err.strerror or err}"
 
 
 def clean_errors(main: Callable[[], None]) -> Callable[[], None]:

@@ -98,7 +98,7 @@ def judge(evaluation: dict[str, float], judged_on: dict[str, str], champion: tup
         champion_eval = json.loads(tags["evaluation"])
         champion_on = json.loads(tags["judged_on"])
         missing = [m for m in gate_metrics if not isinstance(champion_eval.get(m), (int, float))]
-    except (KeyError, TypeError, ValueError):
+    except (AttributeError, KeyError, TypeError, ValueError):
         champion_eval, champion_on, missing = None, None, []
     if champion_eval is None or missing:
         reason = f"champion v{version} has no readable evaluation{f' of {missing}' if missing else ''}"
