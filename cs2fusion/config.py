@@ -39,7 +39,7 @@ class ModelParams:
 
     def __post_init__(self) -> None:
         _require({"channels (>= 1)": self.channels >= 1, "input_scale (> 0)": self.input_scale > 0,
-                           "negative_slope (>= 0)": self.negative_slope >= 0})
+                  "negative_slope (>= 0)": self.negative_slope >= 0})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ class SynthParams:
 
     def __post_init__(self) -> None:
         _require({"pairs (>= 1)": self.pairs >= 1, "width (>= 16)": self.width >= 16,
-                           "height (>= 16)": self.height >= 16})
+                  "height (>= 16)": self.height >= 16})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +117,9 @@ class ShardParams:
 
     def __post_init__(self) -> None:
         _require({"patch_size (>= 8)": self.patch_size >= 8, "stride (>= 1)": self.stride >= 1,
-                           "max_patches_per_image (>= 0)": self.max_patches_per_image >= 0,
-                           "max_samples_per_shard (>= 1)": self.max_samples_per_shard >= 1,
-                           "shard_multiple (>= 1)": self.shard_multiple >= 1})
+                  "max_patches_per_image (>= 0)": self.max_patches_per_image >= 0,
+                  "max_samples_per_shard (>= 1)": self.max_samples_per_shard >= 1,
+                  "shard_multiple (>= 1)": self.shard_multiple >= 1})
 
 
 @dataclasses.dataclass(frozen=True)
