@@ -17,7 +17,7 @@ import torch
 from benchmarks.common import DATA, report
 from cs2fusion.config import DatasetSpec, ModelParams, PrepareParams, ShardParams, TrainParams
 from cs2fusion.data.manifest import build_manifest, select
-from cs2fusion.data.shards import TrainShards, read_index, set_files, write_shards
+from cs2fusion.data.shards import TrainShards, read_index, set_shards, write_shards
 from cs2fusion.io import read_grey
 from cs2fusion.training import build_state, train_step
 
@@ -41,7 +41,7 @@ def main() -> None:
         n = read_index(tmp)["sets"]["train"]["samples"]
         rows.append({"what": "write shards (decode, cut, encode)", "samples": n, "samples/s": n / write_s})
 
-        reader = TrainShards(set_files(tmp, "train"), seed=0)
+        reader = TrainShards(set_shards(tmp, "train"), seed=0)
         t = time.perf_counter()
         count = sum(1 for _ in reader)
         read_s = time.perf_counter() - t

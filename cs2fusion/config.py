@@ -132,7 +132,9 @@ class TrainParams:
     continues the run in ``storage_path/run_name`` from its latest checkpoint when its params and shards are the
     same (else that folder is moved aside, never deleted), ``never`` moves it aside, ``must`` fails without one.
     ``tracking_patience_s``: how long a finished run waits for an unreachable tracking server before it writes
-    the unsent metrics beside its checkpoints.
+    the unsent metrics beside its checkpoints. ``storage_path``: a folder or an object-store URL (``s3://…``) for
+    Ray's checkpoints and the run's state. ``worker_resources``: custom Ray resources each training worker needs
+    besides its CPUs / GPU (e.g. ``{trainer_slot: 1}`` to place workers on the nodes that offer it).
     """
 
     epochs: int = 20
@@ -160,6 +162,7 @@ class TrainParams:
     storage_path: str = "runs"
     run_name: str = "train"
     collective_timeout_s: int = 300
+    worker_resources: dict[str, float] = dataclasses.field(default_factory=dict)
     # MLflow
     experiment: str = "cs2fusion"
     log_every: int = 10
@@ -181,7 +184,17 @@ class TrainParams:
             "tracking_patience_s (>= 0)": self.tracking_patience_s >= 0,
             "batch_size (a multiple of num_workers)": self.num_workers < 1 or self.batch_size % self.num_workers == 0,
             "storage_path (not empty)": bool(self.storage_path), "run_name (a plain name)": _plain(self.run_name),
+            "worker_resources (amounts > 0)": all(v > 0 for v in self.worker_resources.values()),
         })
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterParams:
+    """Runs attached to a Ray cluster (``RAY_ADDRESS``): the code and the environment are shipped to the nodes, and
+    the stores must be reachable from every node. ``shared_fs: true`` says the local paths in use (shards,
+    ``train.storage_path``, the embedded MLflow store) are on a file system every node mounts at the same path."""
+
+    shared_fs: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +282,7 @@ class Params:
     evaluate: EvaluateParams = dataclasses.field(default_factory=EvaluateParams)
     register: RegisterParams = dataclasses.field(default_factory=RegisterParams)
     tracking: TrackingParams = dataclasses.field(default_factory=TrackingParams)
+    cluster: ClusterParams = dataclasses.field(default_factory=ClusterParams)
 
     def __post_init__(self) -> None:
         """Names that refer to other sections must exist there: caught here, not inside Ray workers."""

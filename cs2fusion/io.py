@@ -89,6 +89,8 @@ def refuse_aliasing(out: str | Path, *sources: str | Path, may_hold_sources: boo
     file by file, never replaced as a whole) contain one. Paths resolved, symlinks followed."""
     target = Path(out).resolve()
     for src in sources:
+        if "://" in str(src):  # an object-store URL is never a local output
+            continue
         s = Path(src).resolve()
         inside = s.is_dir() and target.is_relative_to(s)
         if target == s or inside or (not may_hold_sources and s.is_relative_to(target)):

@@ -13,6 +13,7 @@ from typing import Callable
 
 from cs2fusion.config import Params, ParamsError, load_params
 from cs2fusion.io import InputError, os_error_line
+from cs2fusion.storage import is_url
 
 
 VERBOSE_ENV = "CS2FUSION_VERBOSE"
@@ -22,6 +23,16 @@ NOISY_LOGGERS = ("mlflow", "matplotlib", "ray", "alembic", "urllib3", "filelock"
 def verbose() -> bool:
     """``-v`` on a stage (or ``CS2FUSION_VERBOSE=1``): Ray's, MLflow's and the libraries' own logs come back."""
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def location(text: str) -> str | Path:
+    """An argument that may be a path or an object-store URL (``s3://…``: ``Path`` would fold its ``//``)."""
+    return text if is_url(text) else Path(text)
+
+
+def absolute(place: str | Path) -> str:
+    """URLs as they are; paths absolute (Ray workers run in another folder)."""
+    return str(place) if is_url(place) else str(Path(place).resolve())
 
 
 def parser(description: str) -> argparse.ArgumentParser:

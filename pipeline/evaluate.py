@@ -13,7 +13,7 @@ from cs2fusion.evaluation import comparison_table, evaluate_set, wins, write_tab
 from cs2fusion.io import InputError, atomic_dir, read_image, write_png, write_text
 from cs2fusion.metrics import ALL_METRICS, MAIN_METRICS, METRICS_VERSION
 from cs2fusion.visual import grid
-from pipeline.common import clean_errors, parser, setup
+from pipeline.common import clean_errors, location, parser, setup
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -68,7 +68,7 @@ def _log_to_mlflow(params, model: Path, summary: dict, report: Path) -> None:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--fused", type=Path, required=True, help="output of the fuse stage")
-    p.add_argument("--shards", type=Path, required=True, help="shard folder (evaluation sets: the sources)")
+    p.add_argument("--shards", type=location, required=True, help="shard folder or s3:// prefix (the sources)")
     p.add_argument("--model", type=Path, required=True, help="the evaluated checkpoint (for its MLflow run)")
     p.add_argument("--metrics", type=Path, required=True, help="summary metrics file (JSON, DVC metrics)")
     p.add_argument("--report", type=Path, required=True, help="report folder (CSV, table, plots, samples)")

@@ -27,6 +27,7 @@ import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from cs2fusion import storage  # noqa: E402
 from cs2fusion.config import TrackingParams, flatten  # noqa: E402
 from cs2fusion.io import InputError  # noqa: E402
 
@@ -177,7 +178,7 @@ class BufferedTracker:
     request is cheap, and the buffer drains soon after the server is back) until it goes through; :meth:`close`
     waits up to its timeout for the rest, then writes what is left to ``spill`` (JSON lines) and says so."""
 
-    def __init__(self, tracker: Tracker, spill: Path) -> None:
+    def __init__(self, tracker: Tracker, spill: str | Path) -> None:
         self.tracker, self.spill = tracker, spill
         self.staging = Path(tempfile.mkdtemp(prefix="cs2f-artifacts-"))
         self.pending: queue.Queue = queue.Queue()
@@ -198,10 +199,15 @@ class BufferedTracker:
         shutil.copy2(path, staged)  # the caller may delete its file at once
         self.pending.put(("artifact", str(staged), folder))
 
+    def tags(self, values: dict[str, str]) -> None:
+        self.pending.put(("tags", {k: str(v) for k, v in values.items()}, None))
+
     def _send(self, item: tuple) -> None:
         kind, a, b = item
         if kind == "metrics":
             self.tracker.metrics(a, step=b)
+        elif kind == "tags":
+            self.tracker.tags(a)
         else:
             self.tracker.artifact(a, b)
             shutil.rmtree(Path(a).parent, ignore_errors=True)
@@ -241,10 +247,8 @@ class BufferedTracker:
             if item is not None:
                 left.append(item)
         if left:
-            self.spill.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.spill, "a") as f:
-                for kind, a, b in left:
-                    f.write(json.dumps({"kind": kind, "data": a, "step_or_folder": b}) + "\n")
+            lines = "".join(json.dumps({"kind": kind, "data": a, "step_or_folder": b}) + "\n" for kind, a, b in left)
+            storage.write_text(self.spill, (storage.read_text(self.spill) or "") + lines)
             log.warning("MLflow stayed unreachable: %d buffered item(s) of run %s written to %s (artifacts kept in "
                         "%s)", len(left), self.run_id, self.spill, self.staging)
         else:

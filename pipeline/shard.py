@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.common import clean_errors, parser, setup
+from pipeline.common import clean_errors, location, parser, setup
 
 from cs2fusion.data.manifest import read_manifest
 from cs2fusion.data.shards import write_shards
@@ -17,7 +17,7 @@ log = logging.getLogger("pipeline.shard")
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--manifest", type=Path, required=True, help="manifest from the prepare stage")
-    p.add_argument("--out", type=Path, required=True, help="shard folder to (re)write")
+    p.add_argument("--out", type=location, required=True, help="shard folder or s3:// prefix to (re)write")
     args = p.parse_args()
     params = setup(args)
     index = write_shards(read_manifest(args.manifest), params.shard, args.out, inputs=(args.manifest,))

@@ -1,8 +1,9 @@
 """Stage ``train``: Ray Train ``TorchTrainer`` (DDP over N workers, CPU or GPU), MLflow-logged, checkpointed.
 
 The loop body is :mod:`cs2fusion.training`; this file holds the Ray touch points (device, DDP, rank-split
-shards, ``ray.train.report`` with checkpoints, ``FailureConfig``) and the MLflow run. ``RAY_ADDRESS`` attaches
-to an existing cluster. A rerun with the same params and shards continues the run from its latest checkpoint
+samples, ``ray.train.report`` with checkpoints, ``FailureConfig``) and the MLflow run. ``RAY_ADDRESS`` attaches
+to an existing cluster (code and environment shipped: :mod:`pipeline.cluster`); shards, ``train.storage_path`` and
+``--out`` may be object-store URLs. A rerun with the same params and shards continues the run from its latest checkpoint
 (``train.resume: auto``); checks that can fail (params, shards, the start checkpoint, the tracking server) run
 before anything is started or moved.
 """
@@ -13,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -22,16 +22,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from cs2fusion import storage
 from cs2fusion.checkpoint import load_checkpoint, save_checkpoint
 from cs2fusion.config import Params, build, to_dict
-from cs2fusion.data.manifest import sha256_file
-from cs2fusion.data.shards import TrainShards, iter_eval, read_index, set_files, steps_per_epoch
+from cs2fusion.data.shards import TrainShards, iter_eval, set_files, set_shards
 from cs2fusion.inference import Fuser
 from cs2fusion.io import InputError, write_png, write_text
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
 from cs2fusion.training import build_state, load_optim_state, lrs, optim_state, run_epoch
 from cs2fusion.visual import grid
-from pipeline.common import clean_errors, parser, setup, verbose
+from pipeline import cluster
+from pipeline.common import absolute, clean_errors, location, parser, setup
 from pipeline.progress import Board, Follower, Reporter
 
 log = logging.getLogger("pipeline.train")
@@ -39,7 +40,7 @@ MODEL_FILE, STATE_FILE, RUN_ID_FILE = "model.safetensors", "train_state.pt", "ml
 FINGERPRINT_FILE, SPILL_FILE = "fingerprint", "unlogged_metrics.jsonl"
 # Knobs a resumed run may change: they do not alter what the finished model is (epochs extends a run).
 RESUMABLE_KNOBS = ("resume", "epochs", "max_failures", "collective_timeout_s", "log_every", "tracking_patience_s",
-                   "val_samples")
+                   "val_samples", "worker_resources")
 
 
 def _init_nets(params: Params) -> tuple[Backbone, CompensationPerceptionNetwork]:
@@ -75,6 +76,22 @@ def _across_ranks(means: dict[str, float], world: int) -> dict[str, float]:
     return means
 
 
+def _record_placement(tracker: Any, rank: int, world: int) -> None:
+    """Tags ``worker/<rank>``: the Ray node each rank runs on and where its code was imported from (on a cluster,
+    the working_dir Ray shipped to that node)."""
+    import ray
+
+    import cs2fusion
+
+    mine = {"node_id": ray.get_runtime_context().get_node_id(), "code": str(Path(cs2fusion.__file__).parent)}
+    everyone = [mine]
+    if world > 1:
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, mine)
+    if tracker:
+        tracker.tags({f"worker/{r}/{k}": v for r, info in enumerate(everyone) for k, v in info.items()})
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Per-worker loop (runs inside Ray Train workers)."""
     import ray.train
@@ -90,7 +107,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     quick_http()
     plain = Tracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    tracker = BufferedTracker(plain, Path(config["spill"])) if plain else None
+    tracker = BufferedTracker(plain, config["spill"]) if plain else None
     logged = {"loss/backbone": -1, "epoch/loss/backbone": -1}  # the last step / epoch already in MLflow
 
     backbone, cpn = _init_nets(params)
@@ -112,25 +129,21 @@ def train_loop(config: dict[str, Any]) -> None:
             logged = plain.last_steps(list(logged))
         except Exception as err:  # the server may be down now: then duplicates are possible, nothing is lost
             log.warning("could not read the logged steps of run %s (%s)", plain.run_id, type(err).__name__)
+    _record_placement(tracker, rank, world)
     state.backbone_train = ray.train.torch.prepare_model(backbone)
     state.cpn_train = ray.train.torch.prepare_model(cpn)
 
-    index = read_index(config["shards"])["sets"]["train"]
     if tp.batch_size % world:
         raise InputError(f"train.batch_size {tp.batch_size} is not divisible by num_workers {world}")
     local_batch = tp.batch_size // world
-    dataset = TrainShards(set_files(config["shards"], "train"), rank=rank, world_size=world, seed=tp.seed,
-                          impair_params=params.impair, shuffle_buffer=tp.shuffle_buffer)
+    dataset = TrainShards(set_shards(config["shards"], "train"), local_batch=local_batch, rank=rank, world_size=world,
+                          seed=tp.seed, impair_params=params.impair, shuffle_buffer=tp.shuffle_buffer)
     loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, num_workers=tp.loader_workers,
                                          drop_last=True)
     val_files = set_files(config["shards"], tp.val_set) if tp.val_set and tracker else []
-    fail_at, fail_marker = config.get("fail_at_step", 0), config.get("fail_marker", "")
     reporter = Reporter(config.get("progress") if rank == 0 else None, epochs=tp.epochs, batch_size=tp.batch_size)
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
-        if fail_at and step == fail_at and rank == 0 and not Path(fail_marker).exists():
-            Path(fail_marker).touch()
-            raise RuntimeError(f"injected worker failure at step {step}")
         reporter.step(step, metrics["loss/backbone"])
         if tracker and step % tp.log_every == 0 and step > logged["loss/backbone"]:
             tracker.metrics({**metrics, **lrs(state)}, step=step)
@@ -139,8 +152,7 @@ def train_loop(config: dict[str, Any]) -> None:
     try:
         while state.epoch < tp.epochs:
             dataset.set_epoch(state.epoch)
-            steps = steps_per_epoch(index, world_size=world, loader_workers=tp.loader_workers,
-                                    local_batch=local_batch, seed=tp.seed, epoch=state.epoch)
+            steps = dataset.steps(tp.loader_workers)
             if tp.max_steps_per_epoch:
                 steps = min(steps, tp.max_steps_per_epoch)
             if steps == 0:
@@ -205,47 +217,50 @@ def fingerprint(params: Params, shards_sha256: str) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def plan_run(run_dir: Path, mode: str, print_: str) -> tuple[bool, Path | None]:
-    """(True, None): resume the run in ``run_dir``; else (False, where a previous run there was moved aside: it is
-    never deleted)."""
-    previous = (run_dir / FINGERPRINT_FILE).read_text().strip() if (run_dir / FINGERPRINT_FILE).is_file() else None
-    same = previous == print_ and (run_dir / RUN_ID_FILE).is_file()
+def plan_run(run_dir: str | Path, mode: str, print_: str) -> tuple[bool, str | None]:
+    """(True, None): resume the run in ``run_dir`` (a folder or an object-store prefix); else (False, where a previous
+    run there was moved aside: it is never deleted)."""
+    previous = storage.read_text(storage.join(run_dir, FINGERPRINT_FILE))
+    previous = previous.strip() if previous is not None else None
+    same = previous == print_ and storage.exists(storage.join(run_dir, RUN_ID_FILE))
     if mode == "must" and not same:
         why = "other params, shards or code" if previous else "nothing to resume"
         raise InputError(f"{run_dir}: train.resume is 'must' but {why} there")
     if same and mode in ("auto", "must"):
         return True, None
-    if not run_dir.exists():
+    if not storage.exists(run_dir):
         return False, None
-    aside = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-    os.replace(run_dir, aside)
+    aside = f"{run_dir}.{time.strftime('%Y%m%d-%H%M%S')}"
+    storage.move(run_dir, aside)
     reason = "train.resume is 'never'" if same else "its params, shards or code differ"
     log.warning("previous run moved aside to %s (%s); starting a new run", aside, reason)
     return False, aside
 
 
-def _preflight(params: Params, shards: Path, uri: str) -> str:
-    """Everything that can be checked before work starts: shards present and intact, the start checkpoint
-    loadable, the tracking server reachable. Returns the shard index's sha256."""
+def _preflight(params: Params, shards: str, uri: str, storage_root: str) -> str:
+    """Everything that can be checked before work starts: stores every node reaches (on a cluster), shards present
+    and intact, the start checkpoint loadable, the tracking server reachable. Returns the shard index's sha256."""
     from pipeline.mlflow_adapter import check_reachable
 
+    cluster.check_stores(params, shards=shards, tracking_uri=uri, storage_path=storage_root)
     set_files(shards, "train")
     if params.train.val_set:
         set_files(shards, params.train.val_set)
     if params.train.init_from:
         load_checkpoint(params.train.init_from, with_cpn=False)
     check_reachable(uri)
-    return sha256_file(shards / "shards.json")
+    return hashlib.sha256(storage.read_bytes(storage.join(shards, "shards.json"))).hexdigest()
 
 
-def _mark_stale(uri: str, run_dir: Path) -> None:
+def _mark_stale(uri: str, run_dir: str) -> None:
     """A run left RUNNING by a killed stage is marked KILLED when a new run replaces it."""
     from pipeline.mlflow_adapter import Tracker
 
-    if not (run_dir / RUN_ID_FILE).is_file():
+    run_id = storage.read_text(storage.join(run_dir, RUN_ID_FILE))
+    if run_id is None:
         return
     try:
-        old = Tracker(uri, (run_dir / RUN_ID_FILE).read_text().strip())
+        old = Tracker(uri, run_id.strip())
         if old.status() == "RUNNING":
             old.finish("KILLED")
             log.info("MLflow run %s of the stopped attempt marked KILLED", old.run_id)
@@ -253,9 +268,10 @@ def _mark_stale(uri: str, run_dir: Path) -> None:
         log.debug("previous MLflow run not marked: %s", err)
 
 
-def fit(params: Params, *, shards: Path, out: Path, metrics_out: Path | None, root: Path) -> dict[str, Any]:
-    """Runs the trainer and writes the final model; returns the final metrics (with the MLflow run id)."""
-    import ray
+def fit(params: Params, *, shards: str | Path, out: str | Path, metrics_out: Path | None,
+        root: Path) -> dict[str, Any]:
+    """Runs the trainer and writes the final model (a path or an object-store URL); returns the final metrics (with
+    the MLflow run id)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -264,13 +280,13 @@ def fit(params: Params, *, shards: Path, out: Path, metrics_out: Path | None, ro
 
     tp = params.train
     if tp.init_from:  # Ray workers run in another folder
-        params = dataclasses.replace(params, train=dataclasses.replace(tp, init_from=str(Path(tp.init_from).resolve())))
+        params = dataclasses.replace(params, train=dataclasses.replace(tp, init_from=absolute(tp.init_from)))
         tp = params.train
-    storage = Path(tp.storage_path).resolve()
-    run_dir = storage / tp.run_name
+    shards, storage_root = absolute(shards), absolute(tp.storage_path)
+    run_dir = storage.join(storage_root, tp.run_name)
     uri = tracking_uri(params.tracking, root)
     quick_http()
-    shards_sha = _preflight(params, shards, uri)
+    shards_sha = _preflight(params, shards, uri, storage_root)
 
     def patiently(call: Any, what: str) -> Any:
         return retrying(call, what, tp.tracking_patience_s)
@@ -278,7 +294,7 @@ def fit(params: Params, *, shards: Path, out: Path, metrics_out: Path | None, ro
     print_ = fingerprint(params, shards_sha)
     resume, aside = plan_run(run_dir, tp.resume, print_)
     if resume:
-        tracker = Tracker(uri, (run_dir / RUN_ID_FILE).read_text().strip())
+        tracker = Tracker(uri, storage.read_text(storage.join(run_dir, RUN_ID_FILE)).strip())
         if patiently(tracker.status, "status") != "RUNNING":
             patiently(tracker.reopen, "reopen")
         log.info("resuming run %s (MLflow run %s) from its latest checkpoint", run_dir, tracker.run_id)
@@ -287,18 +303,15 @@ def fit(params: Params, *, shards: Path, out: Path, metrics_out: Path | None, ro
             _mark_stale(uri, aside)
         tracker = new_run(uri, tp.experiment, artifact_location(params.tracking, root), tp.run_name)
         tracker.params(to_dict(params))
-        tracker.tags({"git_commit": git_commit(root), "shards_sha256": shards_sha, "stage": "train"})
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_ID_FILE).write_text(tracker.run_id)
-        (run_dir / FINGERPRINT_FILE).write_text(print_ + "\n")
-    config = {"params": to_dict(params), "shards": str(shards.resolve()), "tracking_uri": uri,
-              "run_id": tracker.run_id, "spill": str(run_dir / SPILL_FILE), "continuing": resume,
-              "fail_at_step": int(os.environ.get("CS2FUSION_FAIL_AT_STEP", "0")),
-              "fail_marker": os.environ.get("CS2FUSION_FAIL_MARKER", str(run_dir / "failed_once"))}
-    if not ray.is_initialized():
-        # Workers' and Ray's own output reach this terminal only when verbose; their errors always do (fit raises).
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=verbose(), include_dashboard=False,
-                 logging_level=logging.INFO if verbose() else logging.WARNING)
+        tracker.tags({"git_commit": git_commit(root), "shards_sha256": shards_sha, "stage": "train",
+                      "storage": run_dir})
+        storage.write_text(storage.join(run_dir, RUN_ID_FILE), tracker.run_id)
+        storage.write_text(storage.join(run_dir, FINGERPRINT_FILE), print_ + "\n")
+    config = {"params": to_dict(params), "shards": shards, "tracking_uri": uri,
+              "run_id": tracker.run_id, "spill": storage.join(run_dir, SPILL_FILE), "continuing": resume}
+    cluster.init()
+    import ray
+
     board = ray.remote(num_cpus=0)(Board).remote()
     config["progress"] = board
     trainer = TorchTrainer(
@@ -306,8 +319,8 @@ def fit(params: Params, *, shards: Path, out: Path, metrics_out: Path | None, ro
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if tp.use_gpu else "gloo", timeout_s=tp.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=tp.num_workers, use_gpu=tp.use_gpu,
-                                     resources_per_worker={"CPU": tp.cpus_per_worker}),
-        run_config=RunConfig(name=tp.run_name, storage_path=str(storage),
+                                     resources_per_worker={"CPU": tp.cpus_per_worker, **tp.worker_resources}),
+        run_config=RunConfig(name=tp.run_name, storage_path=storage_root,
                              failure_config=FailureConfig(max_failures=tp.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
@@ -324,17 +337,20 @@ def fit(params: Params, *, shards: Path, out: Path, metrics_out: Path | None, ro
     with result.checkpoint.as_directory() as folder:
         ckpt = load_checkpoint(Path(folder) / MODEL_FILE, with_cpn=True)
         meta = ckpt.meta
-    save_checkpoint(out, ckpt.backbone, ckpt.cpn, epoch=meta["epoch"], step=meta["step"],
-                    mlflow_run_id=tracker.run_id, git_commit=git_commit(root),
-                    shards_sha256=shards_sha, source="cs2fusion train stage")
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     final["mlflow_run_id"] = tracker.run_id
-    if metrics_out:
-        write_text(metrics_out, json.dumps(final, indent=2, sort_keys=True) + "\n")
     with tempfile.TemporaryDirectory() as folder:
+        model = Path(folder) / Path(str(out)).name if storage.is_url(out) else Path(out)
+        save_checkpoint(model, ckpt.backbone, ckpt.cpn, epoch=meta["epoch"], step=meta["step"],
+                        mlflow_run_id=tracker.run_id, git_commit=git_commit(root), shards_sha256=shards_sha,
+                        source="cs2fusion train stage")
+        if storage.is_url(out):
+            storage.upload_file(model, str(out))
+        if metrics_out:
+            write_text(metrics_out, json.dumps(final, indent=2, sort_keys=True) + "\n")
         patiently(lambda: _loss_plot(tracker, Path(folder) / "loss_curves.png"), "history")
         patiently(lambda: tracker.artifact(Path(folder) / "loss_curves.png", "plots"), "artifact upload")
-    patiently(lambda: tracker.artifact(out, "model"), "artifact upload")
+        patiently(lambda: tracker.artifact(model, "model"), "artifact upload")
     patiently(tracker.finish, "finish")
     return final
 
@@ -342,8 +358,8 @@ def fit(params: Params, *, shards: Path, out: Path, metrics_out: Path | None, ro
 @clean_errors
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--shards", type=Path, required=True, help="shard folder from the shard stage")
-    p.add_argument("--out", type=Path, required=True, help="final model checkpoint (.safetensors)")
+    p.add_argument("--shards", type=location, required=True, help="shard folder or s3:// prefix (shard stage)")
+    p.add_argument("--out", type=location, required=True, help="final model checkpoint (.safetensors; path or URL)")
     p.add_argument("--metrics", type=Path, default=None, help="final training metrics (JSON)")
     p.add_argument("--resume", choices=("auto", "never", "must"), default=None,
                    help="override train.resume: auto continues a same-params run, never starts over, must fails "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (once) and installs cs2fusion with its pipeline and test extras.
+# Creates .venv (once) and installs cs2fusion with its pipeline, cloud and test extras.
 # torch is pinned to the CPU wheel first: an unpinned torch would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; return "${PIPES
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   quiet .venv/bin/python -m pip install -q "$TORCH_SPEC"
 fi
-quiet .venv/bin/python -m pip install -q -e ".[pipeline,test]"
+quiet .venv/bin/python -m pip install -q -e ".[pipeline,cloud,test]"
 # The Winograd kernel, built once into the machine's cache (a no-op when built; without a compiler the fuser uses
 # direct convolutions and this only warns).
 .venv/bin/cs2fusion build-kernels || true

@@ -2,13 +2,15 @@
 
 Tiers (markers): **unit** (everything unmarked: synthetic tensors, ``cs2fusion synth`` images and the shipped model;
 no ``../shared``, no compiler needed), **data** (reads ``../shared``: skipped with the reason where it is absent,
-required with ``CS2FUSION_REQUIRE_DATA=1``, which ``.ci/run`` sets), **slow** (Ray, an MLflow server, ``dvc repro``).
+required with ``CS2FUSION_REQUIRE_DATA=1``, which ``.ci/run`` sets), **slow** (Ray, an MLflow server, ``dvc repro``),
+**cluster** (object storage on a local S3 server, a second Ray node).
 Tests of the compiled kernel skip where it cannot be built, unless ``CS2FUSION_REQUIRE_KERNELS=1``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from types import ModuleType
 from typing import Iterator
@@ -46,7 +49,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 @pytest.hookimpl(tryfirst=True)  # before -m selects by the markers added here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if not any(item.get_closest_marker(name) for name in ("data", "slow")):
+        if not any(item.get_closest_marker(name) for name in ("data", "slow", "cluster")):
             item.add_marker(pytest.mark.unit)
         elif not HAVE_DATA and item.get_closest_marker("data"):
             item.add_marker(pytest.mark.skip(reason=NO_DATA))
@@ -128,9 +131,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
-    """A real ``mlflow server`` on 127.0.0.1:``port`` over ``folder`` (sqlite store, local artifacts), up and
-    answering ``/health`` when this returns."""
+def start_mlflow_server(folder: Path, port: int, artifacts: str = "", **env_extra: str) -> subprocess.Popen:
+    """A real ``mlflow server`` on 127.0.0.1:``port`` over ``folder`` (sqlite store; artifacts in ``folder`` or at
+    ``artifacts``, e.g. ``s3://…`` with the S3 environment in ``env_extra``), answering ``/health`` when this
+    returns."""
     import urllib.request
 
     from tests.tiny import env
@@ -138,8 +142,8 @@ def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
-         str(folder / "artifacts"), "--workers", "1"],
-        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         artifacts or str(folder / "artifacts"), "--workers", "1"],
+        env=env(**env_extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 90
     while True:
         try:
@@ -150,18 +154,30 @@ def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
             time.sleep(1)
 
 
+@dataclasses.dataclass(frozen=True)
+class RayHead:
+    address: str  # GCS, for RAY_ADDRESS and `ray start --address`
+    temp_dir: Path
+    dashboard: str  # http://…, for `ray job submit`
+
+
+TRAINER_SLOT = "trainer_slot"  # custom resource: one per node in the tests' cluster (one training worker each)
+
+
 @pytest.fixture(scope="session")
-def ray_head() -> Iterator[tuple[str, Path]]:
-    """One Ray head per session on 127.0.0.1 (``ray start --head``, 2 CPUs) for the tests that can share it:
-    (address, its temp dir)."""
+def ray_head() -> Iterator[RayHead]:
+    """One Ray head per session on 127.0.0.1 (``ray start --head``, 2 CPUs, one ``trainer_slot``, the dashboard for
+    the Jobs API) for the tests that can share it."""
     from tests.tiny import env
 
-    port = free_port()
+    port, dashboard = free_port(), free_port()
     temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
     ray_bin = Path(sys.executable).parent / "ray"
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+         "--num-cpus=2", f"--resources={{\"{TRAINER_SLOT}\": 1}}", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}"],
         env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.time() + 90
@@ -172,7 +188,7 @@ def ray_head() -> Iterator[tuple[str, Path]]:
                 break
             assert head.poll() is None and time.time() < deadline, head.stdout.read() if head.stdout else ""
             time.sleep(2)
-        yield f"127.0.0.1:{port}", temp_dir
+        yield RayHead(f"127.0.0.1:{port}", temp_dir, f"http://127.0.0.1:{dashboard}")
     finally:  # the head's whole process group (gcs, raylet, workers): a graceful stop took ~30 s here
         head.terminate()
         try:
@@ -183,6 +199,46 @@ def ray_head() -> Iterator[tuple[str, Path]]:
             os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+S3_BUCKET = "cs2fusion"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, str]]:
+    """A local S3-compatible server (moto's standalone server) on 127.0.0.1 with the bucket ``cs2fusion``: yields the
+    environment that reaches it (endpoint, credentials: what a cluster's nodes would be given)."""
+    import boto3
+
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "cs2fusion-test",
+           "AWS_SECRET_ACCESS_KEY": "cs2fusion-test", "AWS_DEFAULT_REGION": "us-east-1",
+           "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    try:
+        client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="cs2fusion-test",
+                              aws_secret_access_key="cs2fusion-test", region_name="us-east-1")
+        deadline = time.time() + 60
+        while True:
+            try:
+                client.create_bucket(Bucket=S3_BUCKET)
+                break
+            except Exception:
+                assert proc.poll() is None and time.time() < deadline, "the S3 server did not start"
+                time.sleep(0.5)
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture()
+def s3(s3_server: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """This process reaches the local S3 server; returns a fresh ``s3://`` prefix for the test."""
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    return f"s3://{S3_BUCKET}/{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import os
@@ -16,7 +18,7 @@ from PIL import Image
 from cs2fusion.config import DatasetSpec, PrepareParams, ShardParams
 from cs2fusion.data.layouts import detect_layout, discover
 from cs2fusion.data.manifest import build_manifest, select
-from cs2fusion.data.shards import TrainShards, iter_eval, read_index, set_files, write_shards
+from cs2fusion.data.shards import TrainShards, epoch_plan, iter_eval, read_index, set_files, set_shards, write_shards
 from cs2fusion.io import InputError, read_image
 from tests.conftest import DATA
 
@@ -159,33 +161,53 @@ def test_eval_shards_round_trip_pixels(small_manifest: dict, tmp_path: Path) -> 
     assert sorted(seen) == sorted(e["id"] for e in select(small_manifest, "rs/test"))
 
 
-def test_reader_disjoint_complete_over_ranks_and_workers(small_manifest: dict, tmp_path: Path) -> None:
-    write_shards(small_manifest, SHARD_PARAMS, tmp_path)
-    files = set_files(tmp_path, "train")
+def test_epoch_plan_splits_samples_for_any_cluster_shape() -> None:
+    """Sample ranges, not whole shards: 24 samples in 4 uneven shards over 3 ranks × 2 loader workers (local batch
+    2) are read once each, every rank gets 4 steps; with 25 samples one waits for another epoch."""
+    for counts, left_out in (([5, 7, 6, 6], 0), ([5, 7, 6, 7], 1)):
+        for epoch in (0, 1):
+            plan = epoch_plan(counts, world_size=3, loader_workers=2, local_batch=2, seed=3, epoch=epoch)
+            read = [(shard, k) for rank in plan for worker in rank for shard, first, end in worker
+                    for k in range(first, end)]
+            assert len(read) == len(set(read)) == sum(counts) - left_out  # disjoint; complete but the remainder
+            for rank in plan:
+                sizes = [sum(end - first for _, first, end in worker) for worker in rank]
+                assert sum(sizes) == 8 and all(size % 2 == 0 for size in sizes)  # 4 whole local batches per rank
+    one_shard = epoch_plan([10], world_size=4, loader_workers=3, local_batch=1, seed=0, epoch=0)
+    assert [sum(e - f for w in rank for _, f, e in w) for rank in one_shard] == [2, 2, 2, 2]  # 12 readers, 1 shard
+
+
+def test_reader_3_ranks_2_loader_workers_4_shards(small_manifest: dict, tmp_path: Path) -> None:
+    """The real reader through DataLoader workers: disjoint across every rank and worker, complete up to the
+    remainder, the same number of batches on every rank."""
+    write_shards(small_manifest, dataclasses.replace(SHARD_PARAMS, max_samples_per_shard=10_000), tmp_path)
+    shards = set_shards(tmp_path, "train")
     total = read_index(tmp_path)["sets"]["train"]["samples"]
+    assert len(shards) == 4
     for epoch in (0, 1):
-        per_rank = []
-        for rank in (0, 1):
-            ds = TrainShards(files, rank=rank, world_size=2, seed=5)
+        keys, batches = [], []
+        for rank in range(3):
+            ds = TrainShards(shards, local_batch=3, rank=rank, world_size=3, seed=5)
             ds.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
-            keys = []
+            loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, drop_last=True)
+            count = 0
             for key, ir, vi, vi_imp in loader:
-                assert ir.shape == vi.shape == vi_imp.shape == (1, 64, 64)
+                assert ir.shape == vi.shape == vi_imp.shape == (3, 1, 64, 64)
                 assert 0 <= float(ir.min()) and float(ir.max()) <= 1
-                keys.append(key)
-            per_rank.append(keys)
-        a, b = set(per_rank[0]), set(per_rank[1])
-        assert not a & b and len(a) + len(b) == total == len(per_rank[0]) + len(per_rank[1])
-        assert abs(len(a) - len(b)) <= 2 * 2  # near-equal shards, equal shard counts per rank
+                keys += key
+                count += 1
+            assert count == ds.steps(2)
+            batches.append(count)
+        assert len(set(batches)) == 1 and len(keys) == len(set(keys))
+        assert 0 <= total - len(keys) < 3 * 3
 
 
 def test_impaired_view_seeded_per_sample_and_epoch(small_manifest: dict, tmp_path: Path) -> None:
     write_shards(small_manifest, SHARD_PARAMS, tmp_path)
-    files = set_files(tmp_path, "train")
+    shards = set_shards(tmp_path, "train")
     views = {}
     for epoch in (0, 0, 1):
-        ds = TrainShards(files, world_size=1, seed=1)
+        ds = TrainShards(shards, world_size=1, seed=1)
         ds.set_epoch(epoch)
         views.setdefault(epoch, []).append({k: v for k, _, _, v in ds})
     first, again = views[0]

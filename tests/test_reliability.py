@@ -439,22 +439,25 @@ def test_gate_metrics_are_checked_before_registering(tmp_path: Path) -> None:
 # 4, 5, 7: runs are moved aside, never deleted; logging that cannot reach the server is kept
 
 
-def test_previous_runs_are_resumed_or_moved_aside(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.cluster)])
+def test_previous_runs_are_resumed_or_moved_aside(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The same on a local folder and in an object store (``train.storage_path: s3://…``)."""
+    from cs2fusion import storage
     from pipeline.train import FINGERPRINT_FILE, RUN_ID_FILE, plan_run
 
-    run = tmp_path / "runs" / "train"
+    run = storage.join(tmp_path if where == "local" else request.getfixturevalue("s3"), "runs", "train")
     assert plan_run(run, "auto", "f1") == (False, None)
     with pytest.raises(InputError, match="nothing to resume"):
         plan_run(run, "must", "f1")
-    run.mkdir(parents=True)
-    (run / RUN_ID_FILE).write_text("r1")
-    (run / FINGERPRINT_FILE).write_text("f1\n")
-    (run / "checkpoint_000").mkdir()
+    storage.write_text(storage.join(run, RUN_ID_FILE), "r1")
+    storage.write_text(storage.join(run, FINGERPRINT_FILE), "f1\n")
+    storage.write_text(storage.join(run, "checkpoint_000", "model.safetensors"), "weights")
     assert plan_run(run, "auto", "f1") == (True, None) and plan_run(run, "must", "f1") == (True, None)
     with pytest.raises(InputError, match="other params"):
         plan_run(run, "must", "f2")
     resume, aside = plan_run(run, "auto", "f2")
-    assert not resume and not run.exists() and (aside / "checkpoint_000").is_dir() and aside.parent == run.parent
+    assert not resume and not storage.exists(run) and aside.startswith(run + ".")
+    assert storage.read_text(storage.join(aside, "checkpoint_000", "model.safetensors")) == "weights"
 
 
 def test_unsent_metrics_are_spilled_not_lost(tmp_path: Path) -> None:
@@ -470,3 +473,31 @@ def test_unsent_metrics_are_spilled_not_lost(tmp_path: Path) -> None:
     assert buffered.close(timeout_s=2) == 3
     lines = [json.loads(line) for line in spill.read_text().splitlines()]
     assert [(x["data"], x["step_or_folder"]) for x in lines] == [({"loss": float(s)}, s) for s in range(3)]
+
+
+def test_cluster_preflight_names_every_local_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attached to a cluster, a local MLflow store, run folder or shard path is refused in one line (before Ray
+    starts), unless ``cluster.shared_fs`` says every node mounts them; object stores and servers pass."""
+    from pipeline.cluster import FORWARDED_ENV, check_stores, runtime_env
+
+    for key in (*FORWARDED_ENV, "RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        monkeypatch.delenv(key, raising=False)
+    params = Params()
+    local = {"shards": "/data/shards", "tracking_uri": "sqlite:////x/mlflow.db", "storage_path": "/x/runs"}
+    check_stores(params, **local)  # not attached: a local run may use anything
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with pytest.raises(InputError) as err:
+        check_stores(params, **local)
+    line = str(err.value)
+    assert "\n" not in line and all(v in line for v in local.values()) and "cluster.shared_fs" in line
+    check_stores(build(Params, {"cluster": {"shared_fs": True}}), **local)
+    check_stores(params, shards="s3://b/shards", tracking_uri="http://mlflow:5000", storage_path="s3://b/runs")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    shipped = runtime_env()
+    assert {Path(m).name for m in shipped["py_modules"]} == {"cs2fusion", "pipeline"}
+    assert shipped["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "AWS_SECRET_ACCESS_KEY": "secret"}
+    # inside `ray job submit --working-dir . --runtime-env-json '{"env_vars": …}'`: nothing the job already sets
+    job = {"runtime_env": {"py_modules": ["s3://b/code.zip"], "env_vars": {"MLFLOW_TRACKING_URI": "http://x"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    assert runtime_env() == {"env_vars": {"AWS_SECRET_ACCESS_KEY": "secret"}}

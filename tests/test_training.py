@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cs2fusion.config import ModelParams, ShardParams, TrainParams, build, Params
-from cs2fusion.data.shards import TrainShards, set_files, write_shards
+from cs2fusion.data.shards import TrainShards, set_shards, write_shards
 from cs2fusion.training import build_state, load_optim_state, optim_state, run_epoch, train_step
 from tests.tiny import TINY
 
@@ -22,7 +22,7 @@ def _batches(tmp: Path, manifest: dict) -> list:
     params = build(Params, TINY)
     shard = ShardParams(**{**params.shard.__dict__, "patch_size": 48, "max_patches_per_image": 4})
     write_shards(manifest, shard, tmp)
-    ds = TrainShards(set_files(tmp, "train"), seed=0)
+    ds = TrainShards(set_shards(tmp, "train"), seed=0)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, drop_last=True)
     return [tuple(t for t in b[1:]) for b in loader]
 

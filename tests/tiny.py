@@ -18,6 +18,7 @@ TINY: dict[str, Any] = {
               "max_patches_per_image": 2, "max_samples_per_shard": 16},
     "train": {"epochs": 3, "batch_size": 4, "num_workers": 2, "loader_workers": 0, "log_every": 1,
               "val_set": "tno/test", "val_samples": 1, "max_steps_per_epoch": 3},
+    "cluster": {"shared_fs": True},  # the tests' Ray clusters run on this one machine
 }
 
 

@@ -3,8 +3,9 @@
 Sample layout: ``<key>.ir.png`` (grey), ``<key>.vi.png`` (training: visible luminance Y, grey; evaluation: the
 visible image as shipped, grey or RGB) and ``<key>.json`` (dataset, split, id, crop box ``[top, left, h, w]``).
 Same manifest + params → byte-identical shards: sorted input, seeded shuffles, ``mtime=0`` in every member.
-Each set is a multiple of ``shard_multiple`` shards of near-equal size, so ranks × loader workers get equal
-shares; ``shards.json`` records counts, bytes and sha256 of every shard.
+Each set is a multiple of ``shard_multiple`` shards of near-equal size; ``shards.json`` records counts, bytes and
+sha256 of every shard. The training reader splits samples, not shards, so any ranks × loader workers fit any shard
+count. A shard folder may be a path or an object-store URL (``s3://…``, :mod:`cs2fusion.storage`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from cs2fusion import storage
 from cs2fusion.config import ImpairParams, ShardParams
 from cs2fusion.data.impair import impair
 from cs2fusion.data.manifest import select, sha256_file
@@ -159,10 +161,13 @@ def check_no_leak(manifest: dict[str, Any], params: ShardParams) -> None:
 def write_shards(manifest: dict[str, Any], params: ShardParams, out: str | Path,
                  inputs: tuple[str | Path, ...] = ()) -> dict[str, Any]:
     """Writes every set of ``params`` into ``out`` (replaced atomically as a whole) with ``shards.json``;
-    ``out`` may not be, hold or lie in ``inputs`` or a data set root of the manifest."""
+    ``out`` may not be, hold or lie in ``inputs`` or a data set root of the manifest. An object-store URL is written
+    through a local folder, ``shards.json`` last."""
     check_no_leak(manifest, params)
     roots = tuple(ds["root"] for ds in manifest["datasets"].values())
-    with atomic_dir(out, "shard", inputs=(*inputs, *roots)) as tmp:
+    target = (storage.remote_output(str(out), "shard", index="shards.json") if storage.is_url(out)
+              else atomic_dir(out, "shard", inputs=(*inputs, *roots)))
+    with target as tmp:
         sets: dict[str, Any] = {}
         if params.train:
             samples = train_samples(manifest, params)
@@ -179,30 +184,44 @@ def write_shards(manifest: dict[str, Any], params: ShardParams, out: str | Path,
 
 
 def read_index(folder: str | Path) -> dict[str, Any]:
-    """``shards.json`` of a shard folder."""
-    path = Path(folder) / "shards.json"
-    if not path.is_file():
-        raise InputError(f"{path}: no shard index (run the shard stage)")
+    """``shards.json`` of a shard folder (a path or an object-store URL)."""
+    location = storage.join(folder, "shards.json")
+    if storage.size(location) is None:
+        raise InputError(f"{location}: no shard index (run the shard stage)")
     try:
-        index = json.loads(path.read_text())
+        index = json.loads(storage.read_bytes(location))
     except (OSError, ValueError) as err:
-        raise InputError(f"{path}: unreadable shard index ({err})") from None
+        raise InputError(f"{location}: unreadable shard index ({err})") from None
     if not isinstance(index, dict) or index.get("version") != SHARDS_VERSION:
-        raise InputError(f"{path}: not a version-{SHARDS_VERSION} shard index; rerun the shard stage")
+        raise InputError(f"{location}: not a version-{SHARDS_VERSION} shard index; rerun the shard stage")
     return index
 
 
-def set_files(folder: str | Path, name: str) -> list[str]:
-    """Absolute paths of the shards of set ``name``, each checked against the sha256 ``shards.json`` records."""
+def set_shards(folder: str | Path, name: str) -> list[tuple[str, int]]:
+    """(location, sample count) of every shard of set ``name``, checked against ``shards.json``: local shards by
+    sha256, objects in a store by size (hashing them would read the whole set on every node)."""
     index = read_index(folder)
     if name not in index["sets"]:
         raise InputError(f"{folder}: no shard set {name!r} ({', '.join(index['sets'])})")
-    files = []
+    shards = []
     for record in index["sets"][name]["shards"]:
-        path = Path(folder, safe_name(record["file"], f"{folder}/shards.json")).resolve()
-        verify_shard(path, record["sha256"])
-        files.append(str(path))
-    return files
+        file = safe_name(record["file"], storage.join(folder, "shards.json"))
+        if storage.is_url(folder):
+            location = storage.join(folder, file)
+            found = storage.size(location)
+            if found != record["bytes"]:
+                raise InputError(f"{location}: shard {'missing' if found is None else 'corrupt (size differs)'}; "
+                                 "rerun the shard stage or push it again (dvc push)")
+        else:
+            location = str(Path(folder, file).resolve())
+            verify_shard(Path(location), record["sha256"])
+        shards.append((location, int(record["samples"])))
+    return shards
+
+
+def set_files(folder: str | Path, name: str) -> list[str]:
+    """Locations of the shards of set ``name`` (checked as in :func:`set_shards`)."""
+    return [location for location, _ in set_shards(folder, name)]
 
 
 def verify_shard(path: Path, sha256: str) -> None:
@@ -222,32 +241,69 @@ def _shard_digest(path: str, size: int, mtime_ns: int) -> str:
     return sha256_file(path)
 
 
-def read_samples(files: list[str]) -> Iterator[dict[str, Any]]:
-    """Raw samples of ``files`` in order, each key checked: no folders, absolute or ``..`` member names, no key
-    twice in a shard. Any unreadable shard raises InputError naming it."""
+def _tar_samples(url: str) -> Iterator[dict[str, Any]]:
+    with storage.open_read(url) as stream:
+        yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([{"url": url, "stream": stream}]))
+
+
+def read_samples(files: list[str], *, start: int = 0, stop: int | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples of ``files`` in order (of each file, positions ``start`` to ``stop``), each key checked: no
+    folders, absolute or ``..`` member names, no key twice in a shard. Any unreadable shard raises InputError naming
+    it."""
     for url in files:
         seen: set[str] = set()
         try:
-            for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+            for position, sample in enumerate(_tar_samples(url)):
+                if stop is not None and position >= stop:
+                    break
                 key = sample["__key__"]
                 if "/" in key or key in ("", ".", "..") or os.path.isabs(key):
                     raise InputError(f"{url}: unsafe member name {key!r} (shards hold flat keys only)")
                 if key in seen:
                     raise InputError(f"{url}: key {key!r} appears twice")
                 seen.add(key)
-                yield sample
+                if position >= start:
+                    yield sample
         except InputError:
             raise
         except Exception as err:  # tar and webdataset errors: the user needs the shard's name
             raise InputError(f"{url}: unreadable shard ({err})") from None
 
 
-def split_shards(files: list[str], *, rank: int, world_size: int, worker: int, num_workers: int,
-                 seed: int, epoch: int) -> list[str]:
-    """This (rank, worker)'s shards for an epoch: one seeded permutation shared by all, dealt round-robin."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(files))
-    mine = [files[k] for k in order][rank::world_size]
-    return mine[worker::num_workers]
+Segment = tuple[int, int, int]  # (shard number, first sample, end sample)
+
+
+def epoch_plan(counts: list[int], *, world_size: int, loader_workers: int, local_batch: int, seed: int,
+               epoch: int) -> list[list[list[Segment]]]:
+    """``plan[rank][worker]``: the sample ranges each (rank, loader worker) reads in ``epoch``.
+
+    The shards, in one seeded order per epoch, form one sequence of samples; each rank takes an equal run of whole
+    local batches, cut into whole batches per loader worker. Any shard count fits any cluster shape; ranges are
+    disjoint; only the remainder (fewer than ``world_size × local_batch`` samples) waits for another epoch.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(len(counts))
+    starts = np.concatenate([[0], np.cumsum([counts[k] for k in order])])
+    steps = sum(counts) // world_size // local_batch
+    workers = max(1, loader_workers)
+
+    def segments(first: int, end: int) -> list[Segment]:
+        out = []
+        for j, shard in enumerate(order):
+            lo, hi = max(first, int(starts[j])), min(end, int(starts[j + 1]))
+            if lo < hi:
+                out.append((int(shard), lo - int(starts[j]), hi - int(starts[j])))
+        return out
+
+    plan = []
+    for rank in range(world_size):
+        first = rank * steps * local_batch
+        ranges = []
+        for worker in range(workers):
+            batches = steps // workers + (worker < steps % workers)
+            ranges.append(segments(first, first + batches * local_batch))
+            first += batches * local_batch
+        plan.append(ranges)
+    return plan
 
 
 def _seeded_shuffle(samples: Iterator[Any], bufsize: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -266,24 +322,34 @@ def sample_seed(seed: int, epoch: int, key: str) -> np.random.Generator:
 
 
 class TrainShards(torch.utils.data.IterableDataset):
-    """Training patches streamed from shards, split across Ray ranks and DataLoader workers.
+    """Training patches streamed from shards, split by sample across Ray ranks and DataLoader workers.
 
-    Yields ``(key, ir, vis_y, vis_y_impaired)``: tensors (1, P, P) float in [0, 1]. The impaired view is made on
-    the fly from a per-sample, per-epoch seed (a fresh cut-out every epoch; reproducible). Call
+    ``shards``: (location, sample count) pairs (:func:`set_shards`). Yields ``(key, ir, vis_y, vis_y_impaired)``:
+    tensors (1, P, P) float in [0, 1], ``steps × local_batch`` samples per rank (:func:`epoch_plan`). The impaired
+    view is made on the fly from a per-sample, per-epoch seed (a fresh cut-out every epoch; reproducible). Call
     :meth:`set_epoch` before each epoch, as with ``DistributedSampler``.
     """
 
-    def __init__(self, files: list[str], *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 impair_params: ImpairParams = ImpairParams(), shuffle_buffer: int = 256) -> None:
+    def __init__(self, shards: list[tuple[str, int]], *, local_batch: int = 1, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, impair_params: ImpairParams = ImpairParams(), shuffle_buffer: int = 256) -> None:
         super().__init__()
-        if not files:
+        if not shards:
             raise InputError("no training shards")
-        self.files, self.rank, self.world_size = list(files), rank, world_size
+        self.shards, self.local_batch, self.rank, self.world_size = list(shards), local_batch, rank, world_size
         self.seed, self.impair_params, self.shuffle_buffer = seed, impair_params, shuffle_buffer
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def steps(self, loader_workers: int) -> int:
+        """Local batches every rank gets per epoch (equal on all ranks: no rank waits in a collective)."""
+        plan = self._plan(loader_workers)[self.rank]
+        return sum(sum(end - first for _, first, end in ranges) for ranges in plan) // self.local_batch
+
+    def _plan(self, loader_workers: int) -> list[list[list[Segment]]]:
+        return epoch_plan([n for _, n in self.shards], world_size=self.world_size, loader_workers=loader_workers,
+                          local_batch=self.local_batch, seed=self.seed, epoch=self.epoch)
 
     def _decode(self, sample: dict[str, Any]) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]:
         key = sample["__key__"]
@@ -292,13 +358,16 @@ class TrainShards(torch.utils.data.IterableDataset):
         as_t = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0)[None]  # noqa: E731
         return key, as_t(ir), as_t(vi), as_t(vi_imp)
 
+    def _read(self, segments: list[Segment]) -> Iterator[dict[str, Any]]:
+        for shard, first, end in segments:
+            yield from read_samples([self.shards[shard][0]], start=first, stop=end)
+
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        mine = split_shards(self.files, rank=self.rank, world_size=self.world_size, worker=worker,
-                            num_workers=num_workers, seed=self.seed, epoch=self.epoch)
+        mine = self._plan(num_workers)[self.rank][worker]
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        return map(self._decode, _seeded_shuffle(read_samples(mine), self.shuffle_buffer, rng))
+        return map(self._decode, _seeded_shuffle(self._read(mine), self.shuffle_buffer, rng))
 
 
 def _decode_members(sample: dict[str, Any], *names: str) -> list[np.ndarray]:
@@ -319,22 +388,3 @@ def iter_eval(files: list[str]) -> Iterator[tuple[dict[str, Any], np.ndarray, np
             raise InputError(f"{where} has no readable json ({err!r})") from None
         safe_name(str(meta.get("id", "")), f"{sample['__url__']}: sample {sample['__key__']!r}")
         yield (meta, *_decode_members(sample, "ir.png", "vi.png"))
-
-
-def steps_per_epoch(index_set: dict[str, Any], *, world_size: int, loader_workers: int, local_batch: int,
-                    seed: int, epoch: int) -> int:
-    """Full local batches the slowest rank gets in ``epoch``: every rank runs this many steps (no DDP hang).
-
-    Each DataLoader worker batches its own shards, so the count is summed per worker.
-    """
-    counts = {r["file"]: r["samples"] for r in index_set["shards"]}
-    files, workers = list(counts), max(1, loader_workers)
-    per_rank = []
-    for rank in range(world_size):
-        steps = 0
-        for worker in range(workers):
-            mine = split_shards(files, rank=rank, world_size=world_size, worker=worker, num_workers=workers,
-                                seed=seed, epoch=epoch)
-            steps += sum(counts[f] for f in mine) // local_batch
-        per_rank.append(steps)
-    return min(per_rank)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Iterator
+
+import numpy as np
 
 import torch
 from tqdm import tqdm
@@ -38,11 +41,18 @@ def make_fuser(spec: str, params: FuseParams, device: str | torch.device = "cpu"
     return Fuser(load_backbone(spec), device=device, options=options)
 
 
+def fused_samples(spec: str, files: list[str], params: FuseParams) -> Iterator[tuple[str, np.ndarray]]:
+    """(id, fused uint8 image) of every sample of ``files``, in shard order."""
+    fuser = make_fuser(spec, params, resolve_device("auto"))
+    for meta, ir, vi in iter_eval(files):
+        yield meta["id"], fuser.fuse(vis=vi, ir=ir)
+
+
 def fuse_shards(spec: str, files: list[str], out: Path, params: FuseParams, *, progress: bool = True) -> int:
     """Fuses every sample of ``files`` into ``out/<id>.png``; returns the count."""
-    fuser = make_fuser(spec, params, resolve_device("auto"))
     count = 0
-    for meta, ir, vi in tqdm(iter_eval(files), desc=f"fusing {out.name}", unit="pair", disable=not progress or None):
-        write_png(out / f"{meta['id']}.png", fuser.fuse(vis=vi, ir=ir))
+    for pair_id, fused in tqdm(fused_samples(spec, files, params), desc=f"fusing {out.name}", unit="pair",
+                               disable=not progress or None):
+        write_png(out / f"{pair_id}.png", fused)
         count += 1
     return count
