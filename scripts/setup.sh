@@ -12,7 +12,7 @@ quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; return "${PIPES
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   quiet .venv/bin/python -m pip install -q "$TORCH_SPEC"
 fi
-quiet .venv/bin/python -m pip install -q -e ".[pipeline,cloud,test]"
+quiet .venv/bin/python -m pip install -q -e ".[pipeline,cloud,test]" -c scripts/constraints.txt
 # The Winograd kernel, built once into the machine's cache (a no-op when built; without a compiler the fuser uses
 # direct convolutions and this only warns).
 .venv/bin/cs2fusion build-kernels || true
