@@ -3,9 +3,9 @@
 The loop body is :mod:`cs2fusion.training`; this file holds the Ray touch points (device, DDP, rank-split
 samples, ``ray.train.report`` with checkpoints, ``FailureConfig``) and the MLflow run. ``RAY_ADDRESS`` attaches
 to an existing cluster (code and environment shipped: :mod:`pipeline.cluster`); shards, ``train.storage_path`` and
-``--out`` may be object-store URLs. A rerun with the same params and shards continues the run from its latest checkpoint
-(``train.resume: auto``); checks that can fail (params, shards, the start checkpoint, the tracking server) run
-before anything is started or moved.
+``--out`` may be object-store URLs. A rerun with the same params and shards continues the run from its latest
+checkpoint (``train.resume: auto``); checks that can fail (params, shards, the start checkpoint, the tracking
+server, stores the nodes reach) run before anything is started or moved.
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def _across_ranks(means: dict[str, float], world: int) -> dict[str, float]:
 
 
 def _record_placement(tracker: Any, rank: int, world: int) -> None:
-    """Tags ``worker/<rank>``: the Ray node each rank runs on and where its code was imported from (on a cluster,
-    the working_dir Ray shipped to that node)."""
+    """Tags ``worker/<rank>/…``: the Ray node each rank runs on and where its code was imported from (attached to a
+    cluster: the py_modules Ray shipped to that node)."""
     import ray
 
     import cs2fusion

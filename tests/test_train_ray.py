@@ -187,8 +187,9 @@ def test_tracking_outage_does_not_stop_training(ray_head: RayHead, shards: Path,
     uri = f"http://127.0.0.1:{port}"
     train = subprocess.Popen(
         [sys.executable, "-m", "pipeline.train", "--shards", str(shards), "--out", "models/model.safetensors",
-         "--metrics", "metrics/train.json"], cwd=tmp_path, env=env(RAY_ADDRESS=ray_head.address, MLFLOW_TRACKING_URI=uri),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "--metrics", "metrics/train.json"], cwd=tmp_path,
+        env=env(RAY_ADDRESS=ray_head.address, MLFLOW_TRACKING_URI=uri), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_checkpoint(tmp_path / "runs" / "train", 1, train)
         server.terminate()
