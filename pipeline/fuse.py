@@ -80,9 +80,8 @@ def main() -> None:
     args = p.parse_args()
     params = setup(args)
     shards, out = absolute(args.shards), args.out.resolve()
+    cluster.check_stores(params, shards=shards)
     sets = [name for name, s in read_index(shards)["sets"].items() if s["kind"] == "eval"]
-    if cluster.attached():
-        cluster.check_stores(params, shards=shards)
     with atomic_dir(out, "fuse", inputs=(shards, args.model)) as tmp:
         jobs = [(spec, set_files(shards, name), tmp / method / set_prefix(name))
                 for method, spec in methods(args.model, params.fuse).items() for name in sets]
