@@ -147,6 +147,8 @@ class TrainParams:
     gamma: float = 0.1
     alpha: float = 0.25
     impaired_weight: float = 2.0
+    # which source the CPN's map m (first slot) goes with: "roles" infrared, "literal" visible (docs/conventions.md)
+    step_order: Literal["roles", "literal"] = "roles"
     seed: int = 0
     max_steps_per_epoch: int = 0
     shuffle_buffer: int = 256

@@ -61,30 +61,48 @@ def build_state(model: ModelParams, train: TrainParams, *, backbone: Backbone | 
     )
 
 
+def _by_modality(losses: dict[str, torch.Tensor], slot1_is_vis: bool) -> dict[str, torch.Tensor]:
+    """The loss functions name terms by CPN slot (slot 1 = ``ir``); the logged names say the modality."""
+    if not slot1_is_vis:
+        return losses
+    swap = {"_ir": "_vis", "_vis": "_ir"}
+    return {next((k[: -len(a)] + b for a, b in swap.items() if k.endswith(a)), k): v for k, v in losses.items()}
+
+
 def train_step(state: TrainState, batch: Batch, train: TrainParams) -> dict[str, float]:
-    """One optimisation step of both nets on (ir, vis_y, vis_y_impaired), each (N, 1, H, W) in [0, 1]."""
+    """One optimisation step of both nets on (ir, vis_y, vis_y_impaired), each (N, 1, H, W) in [0, 1].
+
+    ``train.step_order`` picks which source the CPN's first slot (the map m, and the impaired view's contrast)
+    goes with: ``roles``: infrared (the release's modality roles); ``literal``: visible (the release's step read
+    with the visible image first, which the published CPN fits). Both reproduce the release's golden step.
+    """
     ir, vis, vis_imp = batch
+    literal = train.step_order == "literal"
     state.backbone_train.train()
     state.cpn_train.train()
     out = state.backbone_train(vis_y=vis, ir=ir)
-    main = state.cpn_train(ir=out.ir, vis=out.vis)
+    slot1, slot2 = (out.vis, out.ir) if literal else (out.ir, out.vis)
+    main = state.cpn_train(ir=slot1, vis=slot2)
     with torch.no_grad():
         imp_vis = state.backbone.encoder_vis(vis_imp * state.backbone.params.input_scale)
         imp_sso_vis = sso_features(imp_vis, state.cpn.params.norm_scope)
 
-    lb = backbone_loss(out.fused, ir=ir, vis_y=vis, w_ir=main.w_ir, w_vis=main.w_vis,
+    src1, src2 = (vis, ir) if literal else (ir, vis)
+    lb = backbone_loss(out.fused, ir=src1, vis_y=src2, w_ir=main.w_ir, w_vis=main.w_vis,
                        scale=state.backbone.params.input_scale)
     state.opt_backbone.zero_grad(set_to_none=True)
     lb["backbone"].backward()
     state.opt_backbone.step()
 
-    lc = contrastive_loss(main, impaired_sso_ir=main.sso_ir, impaired_sso_vis=imp_sso_vis, alpha=train.alpha,
+    # the impaired pass replaces the visible input; the infrared features are the main pass's
+    imp1, imp2 = (imp_sso_vis, main.sso_vis) if literal else (main.sso_ir, imp_sso_vis)
+    lc = contrastive_loss(main, impaired_sso_ir=imp1, impaired_sso_vis=imp2, alpha=train.alpha,
                           impaired_weight=train.impaired_weight)
     state.opt_cpn.zero_grad(set_to_none=True)
     lc["cpn"].backward()
     state.opt_cpn.step()
     state.step += 1
-    return {f"loss/{k}": float(v.detach()) for k, v in {**lb, **lc}.items()}
+    return {f"loss/{k}": float(v.detach()) for k, v in _by_modality({**lb, **lc}, literal).items()}
 
 
 def run_epoch(state: TrainState, batches: Iterable[Batch], train: TrainParams, *, steps: int,

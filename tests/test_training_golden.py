@@ -1,0 +1,136 @@
+"""The training step against the release's own step (``../shared/reference/training-golden/step.npz``), tier 1 of
+its README: both readings of the release's branch order (``train.step_order`` roles / literal), from the published
+weights and from a seeded random start."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cs2fusion.config import ImpairParams, ModelParams, TrainParams
+from cs2fusion.data.impair import impair
+from cs2fusion.inference import Fuser
+from cs2fusion.io import read_grey
+from cs2fusion.model import Backbone, CompensationPerceptionNetwork
+from cs2fusion.model.weights import load_published_backbone, load_published_cpn
+from cs2fusion.training import build_state, train_step
+from tests.conftest import DATA, PUBLISHED, RS40, SHARED
+
+pytestmark = pytest.mark.data
+GOLDEN = SHARED / "reference" / "training-golden" / "step.npz"
+LOSSES = ("intensity_vis", "intensity_ir", "ssim_vis", "ssim_ir", "backbone", "contrast_1", "contrast_2", "cpn")
+NOISE_ONLY = "cpn.estimator.bias"  # zero in exact arithmetic (min-max removes constants): README's exception
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict[str, np.ndarray]:
+    with np.load(GOLDEN) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _nets(golden: dict[str, np.ndarray], start: str) -> tuple[Backbone, CompensationPerceptionNetwork]:
+    model = ModelParams(norm_scope="batch")
+    backbone, cpn = Backbone(model), CompensationPerceptionNetwork(model)
+    if start == "published":
+        load_published_backbone(backbone, PUBLISHED / "backbone.pt")
+        load_published_cpn(cpn, PUBLISHED / "cpn.pt")
+    else:
+        init = {k[len("init0/"):]: torch.from_numpy(v) for k, v in golden.items() if k.startswith("init0/")}
+        backbone.load_state_dict({k: v for k, v in init.items() if not k.startswith("cpn.")})
+        cpn.load_state_dict({k[len("cpn."):]: v for k, v in init.items() if k.startswith("cpn.")})
+    return backbone, cpn
+
+
+@pytest.mark.parametrize("order", ["roles", "literal"])
+@pytest.mark.parametrize("start", ["published", "init0"])
+def test_step_reproduces_the_release(order: str, start: str, golden: dict[str, np.ndarray]) -> None:
+    """Tier 1 where this CPU's kernels allow it, tier 2 where they cannot: our forward pass differs from the golden
+    one by up to 3e-4 grey levels (convolution rounding here; 2e-4 without oneDNN), which the SSIM terms'
+    near-constant windows amplify to 4e-4 relative with the published weights (the README's tier-2 case), and
+    the published start's gradients follow. From the random start every loss term and gradient is tier 1."""
+    cfg = order if start == "published" else f"{order}_init0"
+    torch.set_num_threads(1)
+    backbone, cpn = _nets(golden, start)
+    train = TrainParams(step_order=order)
+    state = build_state(ModelParams(norm_scope="batch"), train, backbone=backbone, cpn=cpn)
+    named = {**dict(backbone.named_parameters()), **{f"cpn.{k}": p for k, p in cpn.named_parameters()}}
+    before = {k: p.detach().clone() for k, p in named.items()}
+    batch = tuple(torch.from_numpy(golden[k]) / 255 for k in ("ir", "vis", "vis_impaired"))
+    losses = train_step(state, batch, train)
+
+    for term in LOSSES:
+        if term.startswith("ssim") and start == "published":  # tier 2: against float64, 2e-3
+            want, tol = float(golden[f"{cfg}/loss_fp64/{term}"]), 2e-3
+        else:  # tier 1: against float32, 1e-5
+            want, tol = float(golden[f"{cfg}/loss/{term}"]), 1e-5
+        assert abs(losses[f"loss/{term}"] - want) <= tol * abs(want), (term, losses[f"loss/{term}"], want)
+    assert len(named) == len([k for k in golden if k.startswith(f"{cfg}/grad/")])
+    for name, param in named.items():
+        grad, want = param.grad.detach(), torch.from_numpy(golden[f"{cfg}/grad/{name}"])
+        if name == NOISE_ONLY:
+            assert float(grad.abs().max()) <= 1e-6
+            continue
+        if start == "published":  # tier 2: norms against float64, 2e-4
+            norm, tol = float(golden[f"{cfg}/gradnorm_fp64/{name}"]), 2e-4
+        else:  # tier 1: norms and whole gradients against float32, 1e-5
+            norm, tol = float(golden[f"{cfg}/gradnorm/{name}"]), 1e-5
+            if norm >= 1e-12:
+                assert float((grad - want).norm()) <= 1e-5 * float(want.norm()), name
+        if norm < 1e-12:  # saturated DDM gates: zero
+            assert float(grad.norm()) <= 1e-12, name
+            continue
+        assert abs(float(grad.norm()) - norm) <= tol * norm, (name, float(grad.norm()), norm)
+        lr = train.lr_cpn if name.startswith("cpn.") else train.lr_backbone
+        moved = want.abs() > 1e-5  # Adam's first step turns a near-zero gradient's rounding into ±lr
+        off = (param.detach() - before[name] - torch.from_numpy(golden[f"{cfg}/delta/{name}"])).abs()
+        assert float(torch.where(moved, off, 0).max()) <= 1e-2 * lr, name
+
+
+def test_30_literal_steps_from_the_published_start_stay_near_it() -> None:
+    """30 steps of the ``literal`` order (norm_scope batch, batch 8 of 96² RoadScene training patches, the paper's
+    lr) from the published backbone + CPN keep the fused output of RoadScene-40 pairs near the published output:
+    measured 10.1 grey levels mean |Δ| on these 8 pairs, correlations with IR / visible 0.45 / 0.63 as published.
+    (The ``roles`` order: 34.4 grey levels, −0.05 / 0.98: a copy of the visible image.)"""
+    torch.set_num_threads(2)
+    model = ModelParams(norm_scope="batch")
+    rng = np.random.default_rng(0)
+    train_ids = [line.split()[1] for line in (DATA / "roadscene" / "splits" / "auif_train180.txt").read_text()
+                 .splitlines() if line and not line.startswith("#")]
+
+    def batch(n: int = 8, p: int = 96) -> tuple[torch.Tensor, ...]:
+        irs, vis, imps = [], [], []
+        for _ in range(n):
+            pid = train_ids[rng.integers(len(train_ids))]
+            ir, vi = (read_grey(DATA / "roadscene" / kind / f"{pid}.png") for kind in ("ir", "vi"))
+            top, left = rng.integers(ir.shape[0] - p + 1), rng.integers(ir.shape[1] - p + 1)
+            irs.append(ir[top:top + p, left:left + p])
+            vis.append(vi[top:top + p, left:left + p])
+            imps.append(impair(vis[-1], rng, ImpairParams()))
+        return tuple(torch.from_numpy(np.stack(a).astype(np.float32) / 255)[:, None] for a in (irs, vis, imps))
+
+    names = sorted(p.name for p in (RS40 / "ir").glob("*.png"))[:8]
+    pairs = [(read_grey(RS40 / "ir" / n), read_grey(RS40 / "vi" / n)) for n in names]
+
+    def fused(backbone: Backbone) -> list[np.ndarray]:
+        fuser = Fuser(backbone.eval())
+        return [fuser.fuse(vis=vi, ir=ir).astype(np.float64) for ir, vi in pairs]
+
+    def corr(outs: list[np.ndarray], k: int) -> float:
+        return float(np.mean([np.corrcoef(o.ravel(), pair[k].ravel())[0, 1] for o, pair in zip(outs, pairs)]))
+
+    published = Backbone(model)
+    load_published_backbone(published, PUBLISHED / "backbone.pt")
+    reference = fused(published)
+    backbone, cpn = Backbone(model), CompensationPerceptionNetwork(model)
+    load_published_backbone(backbone, PUBLISHED / "backbone.pt")
+    load_published_cpn(cpn, PUBLISHED / "cpn.pt")
+    train = TrainParams(step_order="literal", batch_size=8)
+    state = build_state(model, train, backbone=backbone, cpn=cpn)
+    for _ in range(30):
+        train_step(state, batch(), train)
+    outs = fused(backbone)
+    drift = float(np.mean([np.abs(o - r).mean() for o, r in zip(outs, reference)]))
+    assert drift < 15, drift  # today's roles order: 34
+    for k in (0, 1):  # IR, visible
+        assert abs(corr(outs, k) - corr(reference, k)) < 0.1, (k, corr(outs, k), corr(reference, k))
