@@ -84,12 +84,18 @@ def safe_name(name: str, where: str) -> str:
     return name
 
 
+def is_url(location: str | Path) -> bool:
+    """True for ``scheme://…`` locations other than ``file://`` (which are plain paths)."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
 def refuse_aliasing(out: str | Path, *sources: str | Path, may_hold_sources: bool = False, flag: str = "--out") -> None:
     """Outputs never equal or land inside an input, nor (unless ``may_hold_sources``: an output that is written
     file by file, never replaced as a whole) contain one. Paths resolved, symlinks followed."""
     target = Path(out).resolve()
     for src in sources:
-        if "://" in str(src):  # an object-store URL is never a local output
+        if is_url(src):  # an object-store URL is never a local output
             continue
         s = Path(src).resolve()
         inside = s.is_dir() and target.is_relative_to(s)

@@ -15,14 +15,8 @@ from typing import IO, Any, Iterator
 
 from tqdm import tqdm
 
-from cs2fusion.io import OUTPUT_MARKER, InputError
+from cs2fusion.io import OUTPUT_MARKER, InputError, is_url
 from cs2fusion.io import write_text as write_local_text
-
-
-def is_url(location: str | Path) -> bool:
-    """True for ``scheme://…`` locations other than ``file://`` (which are plain paths)."""
-    text = str(location)
-    return "://" in text and not text.startswith("file://")
 
 
 def join(base: str | Path, *parts: str) -> str:

@@ -152,7 +152,7 @@ def train_loop(config: dict[str, Any]) -> None:
     try:
         while state.epoch < tp.epochs:
             dataset.set_epoch(state.epoch)
-            steps = dataset.steps(tp.loader_workers)
+            steps = dataset.steps()
             if tp.max_steps_per_epoch:
                 steps = min(steps, tp.max_steps_per_epoch)
             if steps == 0:

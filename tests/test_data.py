@@ -196,7 +196,7 @@ def test_reader_3_ranks_2_loader_workers_4_shards(small_manifest: dict, tmp_path
                 assert 0 <= float(ir.min()) and float(ir.max()) <= 1
                 keys += key
                 count += 1
-            assert count == ds.steps(2)
+            assert count == ds.steps()
             batches.append(count)
         assert len(set(batches)) == 1 and len(keys) == len(set(keys))
         assert 0 <= total - len(keys) < 3 * 3

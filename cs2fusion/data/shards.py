@@ -273,6 +273,11 @@ def read_samples(files: list[str], *, start: int = 0, stop: int | None = None) -
 Segment = tuple[int, int, int]  # (shard number, first sample, end sample)
 
 
+def epoch_steps(counts: list[int], *, world_size: int, local_batch: int) -> int:
+    """Local batches every rank runs per epoch (the same on all ranks: none waits in a collective)."""
+    return sum(counts) // world_size // local_batch
+
+
 def epoch_plan(counts: list[int], *, world_size: int, loader_workers: int, local_batch: int, seed: int,
                epoch: int) -> list[list[list[Segment]]]:
     """``plan[rank][worker]``: the sample ranges each (rank, loader worker) reads in ``epoch``.
@@ -283,7 +288,7 @@ def epoch_plan(counts: list[int], *, world_size: int, loader_workers: int, local
     """
     order = np.random.default_rng([seed, epoch]).permutation(len(counts))
     starts = np.concatenate([[0], np.cumsum([counts[k] for k in order])])
-    steps = sum(counts) // world_size // local_batch
+    steps = epoch_steps(counts, world_size=world_size, local_batch=local_batch)
     workers = max(1, loader_workers)
 
     def segments(first: int, end: int) -> list[Segment]:
@@ -342,10 +347,9 @@ class TrainShards(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def steps(self, loader_workers: int) -> int:
-        """Local batches every rank gets per epoch (equal on all ranks: no rank waits in a collective)."""
-        plan = self._plan(loader_workers)[self.rank]
-        return sum(sum(end - first for _, first, end in ranges) for ranges in plan) // self.local_batch
+    def steps(self) -> int:
+        """Local batches every rank gets per epoch, whatever the loader workers (:func:`epoch_steps`)."""
+        return epoch_steps([n for _, n in self.shards], world_size=self.world_size, local_batch=self.local_batch)
 
     def _plan(self, loader_workers: int) -> list[list[list[Segment]]]:
         return epoch_plan([n for _, n in self.shards], world_size=self.world_size, loader_workers=loader_workers,
