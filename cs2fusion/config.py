@@ -149,6 +149,9 @@ class TrainParams:
     impaired_weight: float = 2.0
     # which source the CPN's map m (first slot) goes with: "roles" infrared, "literal" visible (docs/conventions.md)
     step_order: Literal["roles", "literal"] = "roles"
+    # fast path: bf16 forward under autocast where the hardware has bf16 (fp32 otherwise, logged); Gram similarities
+    precision: Literal["fp32", "bf16"] = "fp32"
+    fast_losses: bool = False
     seed: int = 0
     max_steps_per_epoch: int = 0
     shuffle_buffer: int = 256
@@ -170,6 +173,10 @@ class TrainParams:
     log_every: int = 10
     val_set: str = ""
     val_samples: int = 4
+    # validation every val_every epochs; the score that ranks checkpoints; the final model: best score or last epoch
+    val_every: int = 1
+    select: Literal["composite", "EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM"] = "composite"
+    keep: Literal["best", "last"] = "best"
     tracking_patience_s: int = 600
 
     def __post_init__(self) -> None:
@@ -183,7 +190,9 @@ class TrainParams:
             "threads_per_worker (>= 1)": self.threads_per_worker >= 1, "max_failures (>= -1)": self.max_failures >= -1,
             "checkpoint_every (>= 1)": self.checkpoint_every >= 1, "log_every (>= 1)": self.log_every >= 1,
             "collective_timeout_s (>= 1)": self.collective_timeout_s >= 1, "val_samples (>= 0)": self.val_samples >= 0,
-            "tracking_patience_s (>= 0)": self.tracking_patience_s >= 0,
+            "tracking_patience_s (>= 0)": self.tracking_patience_s >= 0, "val_every (>= 1)": self.val_every >= 1,
+            "checkpoint_every (a multiple of val_every: every checkpoint has a score)":
+                self.val_every < 1 or self.checkpoint_every % self.val_every == 0,
             "batch_size (a multiple of num_workers)": self.num_workers < 1 or self.batch_size % self.num_workers == 0,
             "storage_path (not empty)": bool(self.storage_path), "run_name (a plain name)": _plain(self.run_name),
             "worker_resources (amounts > 0)": all(v > 0 for v in self.worker_resources.values()),

@@ -10,7 +10,10 @@ gradients.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import functools
+import logging
 import time
 from typing import Any, Callable, Iterable
 
@@ -20,9 +23,10 @@ from torch import nn
 from cs2fusion.config import ModelParams, TrainParams
 from cs2fusion.losses import backbone_loss, contrastive_loss
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
-from cs2fusion.model.cpn import sso_features
+from cs2fusion.model.cpn import CPNOutput, sso_features
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -69,26 +73,66 @@ def _by_modality(losses: dict[str, torch.Tensor], slot1_is_vis: bool) -> dict[st
     return {next((k[: -len(a)] + b for a, b in swap.items() if k.endswith(a)), k): v for k, v in losses.items()}
 
 
+@functools.cache
+def bf16_native(device_type: str) -> bool:
+    """Whether bf16 products run in hardware here (CUDA Ampere+; CPU: oneDNN with AVX-512 BF16 or AMX). Without it,
+    oneDNN emulates bf16 convolutions: measured ~20× slower than fp32 on an AVX2-only EPYC."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def step_precision(train: TrainParams, device_type: str) -> str:
+    """The precision the step runs in: ``train.precision``, except bf16 without hardware support runs fp32
+    (logged once), because emulated bf16 is far slower than fp32."""
+    if train.precision == "bf16" and not bf16_native(device_type):
+        _warn_once(f"train.precision bf16: no native bf16 on this {device_type}; training in fp32")
+        return "fp32"
+    return train.precision
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+def _forward_context(precision: str, device_type: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cpn_input_order(train: TrainParams) -> list[str]:
+    """What the CPN's two input slots held while training (checkpoint metadata: the CPN's weights mean this)."""
+    order = ["infrared features", "visible features"]
+    return order[::-1] if train.step_order == "literal" else order
+
+
 def train_step(state: TrainState, batch: Batch, train: TrainParams) -> dict[str, float]:
     """One optimisation step of both nets on (ir, vis_y, vis_y_impaired), each (N, 1, H, W) in [0, 1].
 
     ``train.step_order`` picks which source the CPN's first slot (the map m, and the impaired view's contrast)
     goes with: ``roles``: infrared (the release's modality roles); ``literal``: visible (the release's step read
     with the visible image first, which the published CPN fits). Both reproduce the release's golden step.
+    ``train.precision`` bf16 runs the forward passes under autocast (where the hardware has bf16); the losses and
+    the optimizers stay fp32. ``train.fast_losses``: Gram-matrix similarities (:func:`cs2fusion.losses.cosine_matrix`).
     """
     ir, vis, vis_imp = batch
     literal = train.step_order == "literal"
     state.backbone_train.train()
     state.cpn_train.train()
-    out = state.backbone_train(vis_y=vis, ir=ir)
-    slot1, slot2 = (out.vis, out.ir) if literal else (out.ir, out.vis)
-    main = state.cpn_train(ir=slot1, vis=slot2)
-    with torch.no_grad():
-        imp_vis = state.backbone.encoder_vis(vis_imp * state.backbone.params.input_scale)
-        imp_sso_vis = sso_features(imp_vis, state.cpn.params.norm_scope)
+    with _forward_context(step_precision(train, ir.device.type), ir.device.type):
+        out = state.backbone_train(vis_y=vis, ir=ir)
+        slot1, slot2 = (out.vis, out.ir) if literal else (out.ir, out.vis)
+        main = state.cpn_train(ir=slot1, vis=slot2)
+        with torch.no_grad():
+            imp_vis = state.backbone.encoder_vis(vis_imp * state.backbone.params.input_scale)
+            imp_sso_vis = sso_features(imp_vis, state.cpn.params.norm_scope)
+    # losses (norms, SSIM, similarity matrices) in fp32 whatever the forward ran in
+    fused, main, imp_sso_vis = out.fused.float(), CPNOutput(*(t.float() for t in main)), imp_sso_vis.float()
 
     src1, src2 = (vis, ir) if literal else (ir, vis)
-    lb = backbone_loss(out.fused, ir=src1, vis_y=src2, w_ir=main.w_ir, w_vis=main.w_vis,
+    lb = backbone_loss(fused, ir=src1, vis_y=src2, w_ir=main.w_ir, w_vis=main.w_vis,
                        scale=state.backbone.params.input_scale)
     state.opt_backbone.zero_grad(set_to_none=True)
     lb["backbone"].backward()
@@ -97,7 +141,7 @@ def train_step(state: TrainState, batch: Batch, train: TrainParams) -> dict[str,
     # the impaired pass replaces the visible input; the infrared features are the main pass's
     imp1, imp2 = (imp_sso_vis, main.sso_vis) if literal else (main.sso_ir, imp_sso_vis)
     lc = contrastive_loss(main, impaired_sso_ir=imp1, impaired_sso_vis=imp2, alpha=train.alpha,
-                          impaired_weight=train.impaired_weight)
+                          impaired_weight=train.impaired_weight, gram=train.fast_losses)
     state.opt_cpn.zero_grad(set_to_none=True)
     lc["cpn"].backward()
     state.opt_cpn.step()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import tempfile
@@ -26,10 +27,12 @@ from cs2fusion import storage
 from cs2fusion.checkpoint import load_checkpoint, save_checkpoint
 from cs2fusion.config import Params, build, to_dict
 from cs2fusion.data.shards import TrainShards, iter_eval, set_files, set_shards
-from cs2fusion.inference import Fuser
+from cs2fusion.inference import FuseOptions, Fuser
 from cs2fusion.io import InputError, write_png, write_text
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
-from cs2fusion.training import build_state, load_optim_state, lrs, optim_state, run_epoch
+from cs2fusion.training import (build_state, cpn_input_order, load_optim_state, lrs, optim_state, run_epoch,
+                                 step_precision)
+from cs2fusion.validation import baseline_scores, image_scores, mean_scores, selection_score
 from cs2fusion.visual import grid
 from pipeline import cluster
 from pipeline.common import absolute, clean_errors, location, parser, setup
@@ -37,7 +40,8 @@ from pipeline.progress import Board, Follower, Reporter
 
 log = logging.getLogger("pipeline.train")
 MODEL_FILE, STATE_FILE, RUN_ID_FILE = "model.safetensors", "train_state.pt", "mlflow_run_id"
-FINGERPRINT_FILE, SPILL_FILE = "fingerprint", "unlogged_metrics.jsonl"
+FINGERPRINT_FILE, CODE_FILE, SPILL_FILE = "fingerprint", "code_digest", "unlogged_metrics.jsonl"
+SCORE, GRID_ROWS = "val/score", 4
 # Knobs a resumed run may change: they do not alter what the finished model is (epochs extends a run).
 RESUMABLE_KNOBS = ("resume", "epochs", "max_failures", "collective_timeout_s", "log_every", "tracking_patience_s",
                    "val_samples", "worker_resources")
@@ -54,15 +58,31 @@ def _init_nets(params: Params) -> tuple[Backbone, CompensationPerceptionNetwork]
     return backbone, cpn
 
 
-def _val_grid(backbone: Backbone, files: list[str], count: int) -> np.ndarray:
-    fuser = Fuser(backbone, device=next(backbone.parameters()).device)
-    rows = []
-    for k, (_, ir, vi) in enumerate(iter_eval(files)):
-        if k >= count:
-            break
-        rows.append([ir, vi, fuser.fuse(vis=vi, ir=ir)])
+def _validate(backbone: Backbone, pairs: list[tuple[np.ndarray, np.ndarray]], baseline: dict[str, float],
+              select: str) -> tuple[dict[str, float], np.ndarray]:
+    """``val/<metric>`` means (the nine main metrics, the source correlations, ``val/score``) of the current backbone
+    on whole validation images, and a grid (ir | visible | fused) of the first few."""
+    # direct convolutions: no kernel build inside a training worker, and the same path on every machine
+    fuser = Fuser(backbone, device=next(backbone.parameters()).device, options=FuseOptions(winograd=False))
+    fused = [fuser.fuse(vis=vi, ir=ir) for ir, vi in pairs]
     backbone.train()
-    return grid(rows)
+    scores = mean_scores(image_scores(f, ir, vi) for f, (ir, vi) in zip(fused, pairs))
+    scores["score"] = selection_score(scores, baseline, select)
+    rows = [[ir, vi, f] for f, (ir, vi) in zip(fused[:GRID_ROWS], pairs)]
+    return {f"val/{k}": v for k, v in scores.items()}, grid(rows)
+
+
+def _val_pairs(files: list[str], count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(ir, vi) for _, ir, vi in itertools.islice(iter_eval(files), count)]
+
+
+def _broadcast(value: Any, world: int) -> Any:
+    """Rank 0's ``value`` on every rank (every rank reports the same validation metrics to Ray)."""
+    if world > 1:
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
 
 
 def _across_ranks(means: dict[str, float], world: int) -> dict[str, float]:
@@ -140,7 +160,11 @@ def train_loop(config: dict[str, Any]) -> None:
                           seed=tp.seed, impair_params=params.impair, shuffle_buffer=tp.shuffle_buffer)
     loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, num_workers=tp.loader_workers,
                                          drop_last=True)
-    val_files = set_files(config["shards"], tp.val_set) if tp.val_set and tracker else []
+    val_pairs = _val_pairs(set_files(config["shards"], tp.val_set), tp.val_samples) if tp.val_set and rank == 0 else []
+    val_baseline = baseline_scores(val_pairs) if val_pairs else {}
+    validating = bool(_broadcast(bool(val_pairs), world))
+    if tracker:
+        tracker.tags({"precision": step_precision(tp, device.type)})
     reporter = Reporter(config.get("progress") if rank == 0 else None, epochs=tp.epochs, batch_size=tp.batch_size)
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
@@ -162,17 +186,25 @@ def train_loop(config: dict[str, Any]) -> None:
             reporter.end_epoch(means)
             metrics = {**{f"epoch/{k}": v for k, v in means.items()}, **lrs(state), "epoch": state.epoch,
                        "step": state.step}
+            last = state.epoch == tp.epochs
             with tempfile.TemporaryDirectory() as folder:
+                val, picture = {}, None
+                if validating and (state.epoch % tp.val_every == 0 or last):
+                    if rank == 0:
+                        val, picture = _validate(backbone, val_pairs, val_baseline, tp.select)
+                    val = _broadcast(val, world)
+                    metrics.update(val)
                 checkpoint = None
                 if tracker and state.epoch > logged["epoch/loss/backbone"]:
                     tracker.metrics({k: v for k, v in metrics.items() if k != "step"}, step=state.epoch)
-                    if val_files:
-                        write_png(Path(folder) / f"val_epoch_{state.epoch:03d}.png",
-                                  _val_grid(backbone, val_files, tp.val_samples))
+                    if picture is not None:
+                        write_png(Path(folder) / f"val_epoch_{state.epoch:03d}.png", picture)
                         tracker.artifact(Path(folder) / f"val_epoch_{state.epoch:03d}.png", "val_samples")
-                last = state.epoch == tp.epochs
                 if rank == 0 and (state.epoch % tp.checkpoint_every == 0 or last):
-                    save_checkpoint(Path(folder) / MODEL_FILE, backbone, cpn, epoch=state.epoch, step=state.step)
+                    extra = {"cpn_input_order": cpn_input_order(tp), "step_order": tp.step_order}
+                    extra.update({"val_score": val[SCORE], "val_select": tp.select} if val else {})
+                    save_checkpoint(Path(folder) / MODEL_FILE, backbone, cpn, epoch=state.epoch, step=state.step,
+                                    **extra)
                     torch.save(optim_state(state), Path(folder) / STATE_FILE)
                     checkpoint = ray.train.Checkpoint.from_directory(folder)
                 ray.train.report(metrics, checkpoint=checkpoint)
@@ -180,6 +212,24 @@ def train_loop(config: dict[str, Any]) -> None:
     finally:
         if tracker:  # a failing attempt does not wait long: Ray restarts it, or the stage fails
             tracker.close(tp.tracking_patience_s if finished else 30)
+
+
+def _checkpoint_config(tp: Any, config_class: Any) -> Any:
+    """With validation, Ray ranks checkpoints by ``val/score`` (keeping the two best and always the latest, which
+    resumes); without, it keeps the two latest."""
+    if tp.val_set:
+        return config_class(num_to_keep=2, checkpoint_score_attribute=SCORE, checkpoint_score_order="max")
+    return config_class(num_to_keep=2)
+
+
+def _final_checkpoint(result: Any, tp: Any) -> tuple[Any, str]:
+    """The checkpoint that becomes the model (``train.keep``), and why, in words for its metadata."""
+    if tp.keep == "best" and tp.val_set:
+        scored = [(m[SCORE], m["epoch"], c) for c, m in result.best_checkpoints or [] if SCORE in m]
+        if scored:
+            score, epoch, checkpoint = max(scored, key=lambda t: (t[0], t[1]))
+            return checkpoint, f"best {SCORE} ({tp.select}) {score:.4f} at epoch {epoch} of {tp.epochs}"
+    return result.checkpoint, f"last epoch ({result.metrics.get('epoch')} of {tp.epochs})"
 
 
 def _loss_plot(tracker: Any, out: Path) -> None:
@@ -210,29 +260,35 @@ def code_digest() -> str:
 
 def fingerprint(params: Params, shards_sha256: str) -> str:
     """What makes two runs the same run: the model, impair and train params (less the knobs a resumed run may
-    change), the training shards and the training code."""
+    change) and the training shards. The training code is compared separately (:func:`plan_run`)."""
     train = {k: v for k, v in to_dict(params.train).items() if k not in RESUMABLE_KNOBS}
-    what = {"model": to_dict(params.model), "impair": to_dict(params.impair), "train": train, "shards": shards_sha256,
-            "code": code_digest()}
+    what = {"model": to_dict(params.model), "impair": to_dict(params.impair), "train": train, "shards": shards_sha256}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def plan_run(run_dir: str | Path, mode: str, print_: str) -> tuple[bool, str | None]:
+def plan_run(run_dir: str | Path, mode: str, print_: str, code: str = "") -> tuple[bool, str | None]:
     """(True, None): resume the run in ``run_dir`` (a folder or an object-store prefix); else (False, where a previous
-    run there was moved aside: it is never deleted)."""
+    run there was moved aside: it is never deleted). ``auto`` resumes the same params, shards and code; ``must``
+    resumes the same params and shards even where the training code changed since (a long run carried across code
+    fixes, logged), and fails otherwise."""
     previous = storage.read_text(storage.join(run_dir, FINGERPRINT_FILE))
     previous = previous.strip() if previous is not None else None
     same = previous == print_ and storage.exists(storage.join(run_dir, RUN_ID_FILE))
+    old_code = (storage.read_text(storage.join(run_dir, CODE_FILE)) or "").strip()
     if mode == "must" and not same:
-        why = "other params, shards or code" if previous else "nothing to resume"
+        why = "other params or shards" if previous else "nothing to resume"
         raise InputError(f"{run_dir}: train.resume is 'must' but {why} there")
-    if same and mode in ("auto", "must"):
+    if same and mode == "must" and old_code != code:
+        log.warning("resuming %s although the training code changed since it started (train.resume: must)", run_dir)
+        storage.write_text(storage.join(run_dir, CODE_FILE), code + "\n")
+    if same and (mode == "must" or (mode == "auto" and old_code == code)):
         return True, None
     if not storage.exists(run_dir):
         return False, None
     aside = f"{run_dir}.{time.strftime('%Y%m%d-%H%M%S')}"
     storage.move(run_dir, aside)
-    reason = "train.resume is 'never'" if same else "its params, shards or code differ"
+    reason = ("train.resume is 'never'" if mode == "never" else "its training code differs (train.resume: must "
+              "continues it)") if same else "its params or shards differ"
     log.warning("previous run moved aside to %s (%s); starting a new run", aside, reason)
     return False, aside
 
@@ -250,6 +306,32 @@ def _preflight(params: Params, shards: str, uri: str, storage_root: str) -> str:
         load_checkpoint(params.train.init_from, with_cpn=False)
     check_reachable(uri)
     return hashlib.sha256(storage.read_bytes(storage.join(shards, "shards.json"))).hexdigest()
+
+
+def _status_or_none(tracker: Any) -> str | None:
+    """The run's status, or None where this tracking store has no such run (other errors propagate: retried)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return tracker.status()
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def _new_tracker(params: Params, uri: str, root: Path, shards_sha: str, run_dir: str, continues: str = "") -> Any:
+    """A new MLflow run for this training run (its id stored beside the checkpoints); ``continues``: the run id an
+    earlier part of it logged to elsewhere."""
+    from pipeline.mlflow_adapter import artifact_location, git_commit, new_run
+
+    tp = params.train
+    tracker = new_run(uri, tp.experiment, artifact_location(params.tracking, root), tp.run_name)
+    tracker.params(to_dict(params))
+    tags = {"git_commit": git_commit(root), "shards_sha256": shards_sha, "stage": "train", "storage": run_dir}
+    tracker.tags({**tags, **({"continues_run": continues} if continues else {})})
+    storage.write_text(storage.join(run_dir, RUN_ID_FILE), tracker.run_id)
+    return tracker
 
 
 def _mark_stale(uri: str, run_dir: str) -> None:
@@ -275,8 +357,7 @@ def fit(params: Params, *, shards: str | Path, out: str | Path, metrics_out: Pat
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.mlflow_adapter import (Tracker, artifact_location, git_commit, new_run, quick_http, retrying,
-                                         tracking_uri)
+    from pipeline.mlflow_adapter import Tracker, git_commit, quick_http, retrying, tracking_uri
 
     tp = params.train
     if tp.init_from:  # Ray workers run in another folder
@@ -291,22 +372,24 @@ def fit(params: Params, *, shards: str | Path, out: str | Path, metrics_out: Pat
     def patiently(call: Any, what: str) -> Any:
         return retrying(call, what, tp.tracking_patience_s)
 
-    print_ = fingerprint(params, shards_sha)
-    resume, aside = plan_run(run_dir, tp.resume, print_)
+    print_, code = fingerprint(params, shards_sha), code_digest()
+    resume, aside = plan_run(run_dir, tp.resume, print_, code)
+    tracker = None
     if resume:
         tracker = Tracker(uri, storage.read_text(storage.join(run_dir, RUN_ID_FILE)).strip())
-        if patiently(tracker.status, "status") != "RUNNING":
+        status = patiently(lambda: _status_or_none(tracker), "status")
+        if status is None:  # e.g. the run's state came with the repository to a machine with another store
+            log.info("MLflow run %s is not in %s: continuing in a new run tagged continues_run", tracker.run_id, uri)
+            tracker = _new_tracker(params, uri, root, shards_sha, run_dir, continues=tracker.run_id)
+        elif status != "RUNNING":
             patiently(tracker.reopen, "reopen")
         log.info("resuming run %s (MLflow run %s) from its latest checkpoint", run_dir, tracker.run_id)
     else:
         if aside:
             _mark_stale(uri, aside)
-        tracker = new_run(uri, tp.experiment, artifact_location(params.tracking, root), tp.run_name)
-        tracker.params(to_dict(params))
-        tracker.tags({"git_commit": git_commit(root), "shards_sha256": shards_sha, "stage": "train",
-                      "storage": run_dir})
-        storage.write_text(storage.join(run_dir, RUN_ID_FILE), tracker.run_id)
+        tracker = _new_tracker(params, uri, root, shards_sha, run_dir)
         storage.write_text(storage.join(run_dir, FINGERPRINT_FILE), print_ + "\n")
+        storage.write_text(storage.join(run_dir, CODE_FILE), code + "\n")
     config = {"params": to_dict(params), "shards": shards, "tracking_uri": uri,
               "run_id": tracker.run_id, "spill": storage.join(run_dir, SPILL_FILE), "continuing": resume}
     cluster.init()
@@ -322,7 +405,7 @@ def fit(params: Params, *, shards: str | Path, out: str | Path, metrics_out: Pat
                                      resources_per_worker={"CPU": tp.cpus_per_worker, **tp.worker_resources}),
         run_config=RunConfig(name=tp.run_name, storage_path=storage_root,
                              failure_config=FailureConfig(max_failures=tp.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=_checkpoint_config(tp, CheckpointConfig)),
     )
     try:
         with Follower(board):
@@ -334,14 +417,18 @@ def fit(params: Params, *, shards: str | Path, out: str | Path, metrics_out: Pat
         except Exception:
             log.warning("MLflow run %s could not be marked %s; the next start marks it", tracker.run_id, status)
         raise
-    with result.checkpoint.as_directory() as folder:
+    chosen, why = _final_checkpoint(result, tp)
+    with chosen.as_directory() as folder:
         ckpt = load_checkpoint(Path(folder) / MODEL_FILE, with_cpn=True)
         meta = ckpt.meta
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    final["mlflow_run_id"] = tracker.run_id
+    final.update({"mlflow_run_id": tracker.run_id, "selected_epoch": meta["epoch"]})
+    log.info("final model: epoch %s (%s)", meta["epoch"], why)
+    patiently(lambda: tracker.tags({"selected_epoch": str(meta["epoch"]), "selection": why}), "tags")
     with tempfile.TemporaryDirectory() as folder:
         model = Path(folder) / Path(str(out)).name if storage.is_url(out) else Path(out)
-        save_checkpoint(model, ckpt.backbone, ckpt.cpn, epoch=meta["epoch"], step=meta["step"],
+        kept = {k: meta[k] for k in ("cpn_input_order", "step_order", "val_score", "val_select") if k in meta}
+        save_checkpoint(model, ckpt.backbone, ckpt.cpn, epoch=meta["epoch"], step=meta["step"], selection=why, **kept,
                         mlflow_run_id=tracker.run_id, git_commit=git_commit(root), shards_sha256=shards_sha,
                         source="cs2fusion train stage")
         if storage.is_url(out):

@@ -443,7 +443,7 @@ def test_gate_metrics_are_checked_before_registering(tmp_path: Path) -> None:
 def test_previous_runs_are_resumed_or_moved_aside(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """The same on a local folder and in an object store (``train.storage_path: s3://…``)."""
     from cs2fusion import storage
-    from pipeline.train import FINGERPRINT_FILE, RUN_ID_FILE, plan_run
+    from pipeline.train import CODE_FILE, FINGERPRINT_FILE, RUN_ID_FILE, plan_run
 
     run = storage.join(tmp_path if where == "local" else request.getfixturevalue("s3"), "runs", "train")
     assert plan_run(run, "auto", "f1") == (False, None)
@@ -451,10 +451,17 @@ def test_previous_runs_are_resumed_or_moved_aside(where: str, tmp_path: Path, re
         plan_run(run, "must", "f1")
     storage.write_text(storage.join(run, RUN_ID_FILE), "r1")
     storage.write_text(storage.join(run, FINGERPRINT_FILE), "f1\n")
+    storage.write_text(storage.join(run, CODE_FILE), "c1\n")
     storage.write_text(storage.join(run, "checkpoint_000", "model.safetensors"), "weights")
-    assert plan_run(run, "auto", "f1") == (True, None) and plan_run(run, "must", "f1") == (True, None)
+    assert plan_run(run, "auto", "f1", "c1") == (True, None) and plan_run(run, "must", "f1", "c1") == (True, None)
     with pytest.raises(InputError, match="other params"):
-        plan_run(run, "must", "f2")
+        plan_run(run, "must", "f2", "c1")
+    # changed training code: "must" carries the run on (and records the new code), "auto" moves it aside
+    assert plan_run(run, "must", "f1", "c2") == (True, None)
+    assert storage.read_text(storage.join(run, CODE_FILE)).strip() == "c2"
+    resume, aside = plan_run(run, "auto", "f1", "c3")
+    assert not resume and storage.read_text(storage.join(aside, "checkpoint_000", "model.safetensors")) == "weights"
+    storage.move(aside, run)
     resume, aside = plan_run(run, "auto", "f2")
     assert not resume and not storage.exists(run) and aside.startswith(run + ".")
     assert storage.read_text(storage.join(aside, "checkpoint_000", "model.safetensors")) == "weights"

@@ -61,7 +61,16 @@ def test_two_workers_train_and_log(shards: Path, tmp_path: Path) -> None:
                  for a in client.list_artifacts(run.info.run_id, folder)}
     assert {"plots/loss_curves.png", "model/model.safetensors", "val_samples/val_epoch_003.png"} <= artifacts
     meta = read_meta(tmp_path / "models" / "model.safetensors")
-    assert meta["epoch"] == 3 and meta["step"] == 9 and meta["mlflow_run_id"] == run.info.run_id
+    assert meta["step"] == 3 * meta["epoch"] and meta["mlflow_run_id"] == run.info.run_id
+    # validation every epoch; the model is the best-scoring checkpoint, and says so
+    val = {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, f"val/{key}"),
+                                         key=lambda m: m.step)] for key in ("EN", "Qabf", "SSIM", "corr_ir", "score")}
+    assert all(len(v) == 3 for v in val.values()) and 0 < val["EN"][0] < 8 and -1 <= val["corr_ir"][0] <= 1
+    best = max(range(3), key=lambda k: (val["score"][k], k))
+    assert meta["epoch"] == best + 1 and meta["val_score"] == pytest.approx(val["score"][best])
+    assert meta["selection"].startswith(f"best val/score (composite) {val['score'][best]:.4f} at epoch {best + 1}")
+    assert run.data.tags["selected_epoch"] == str(best + 1) and run.data.tags["precision"] == "fp32"
+    assert final["selected_epoch"] == best + 1
 
 
 def test_training_and_fusing_on_the_started_head(ray_head: RayHead, shards: Path, tmp_path: Path) -> None:

@@ -1,0 +1,59 @@
+"""Validation during training: the main metrics of the current backbone on whole validation images, and the
+selection score that picks the best checkpoint.
+
+The score ``composite`` is the mean over the nine main metrics of (model / pixel-mean fusion) on the same images:
+every main metric is higher-is-better, the ratio makes them scale-free, and the baseline is fixed per validation
+set, so scores of different epochs compare. ``select`` may also name one metric (e.g. ``Qabf``).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+from cs2fusion.evaluation import BASELINES
+from cs2fusion.inference import Fuser
+from cs2fusion.metrics import MAIN_METRICS, all_metrics, grey_like_reference
+
+COMPOSITE = "composite"
+SELECTABLE = (COMPOSITE, *MAIN_METRICS)
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def image_scores(fused: np.ndarray, ir: np.ndarray, vi: np.ndarray) -> dict[str, float]:
+    """Main metrics of one fused image (grey as the reference evaluator), plus its correlation with each source
+    (``corr_ir`` / ``corr_vis``: a fusion that copies one source shows here first)."""
+    f, a, b = (grey_like_reference(x) for x in (fused, ir, vi))
+    scores = {k: v for k, v in all_metrics(f, a, b).items() if k in MAIN_METRICS}
+    return {**scores, "corr_ir": _corr(f, a), "corr_vis": _corr(f, b)}
+
+
+def mean_scores(rows: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Per-key means of per-image score dicts."""
+    rows = list(rows)
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+
+
+def validate(fuser: Fuser, pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Mean scores of ``fuser`` over (ir uint8, vi uint8 grey or RGB) pairs."""
+    return mean_scores(image_scores(fuser.fuse(vis=vi, ir=ir), ir, vi) for ir, vi in pairs)
+
+
+def baseline_scores(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Mean scores of the pixel-mean fusion (the composite's reference) over the same pairs."""
+    rows = []
+    for ir, vi in pairs:
+        a, b = grey_like_reference(ir), grey_like_reference(vi)
+        rows.append(image_scores(BASELINES["mean"](a, b), a, b))
+    return mean_scores(rows)
+
+
+def selection_score(scores: dict[str, float], baseline: dict[str, float], select: str) -> float:
+    """Higher is better: one main metric, or ``composite`` = mean over the main metrics of scores / baseline."""
+    if select == COMPOSITE:
+        return float(np.mean([scores[m] / baseline[m] for m in MAIN_METRICS]))
+    return float(scores[select])
