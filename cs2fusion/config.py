@@ -129,12 +129,16 @@ class TrainParams:
     ``batch_size`` is the global batch, split evenly over ``num_workers`` (the contrastive similarity matrices
     are computed per worker, over its local batch). ``max_steps_per_epoch`` (0 = the full epoch) shortens runs.
     ``init_from`` starts the backbone (and CPN, if stored) from a cs2fusion checkpoint. ``resume``: ``auto``
-    continues the run in ``storage_path/run_name`` from its latest checkpoint when its params and shards are the
-    same (else that folder is moved aside, never deleted), ``never`` moves it aside, ``must`` fails without one.
+    continues the run in ``storage_path/run_name`` from its latest checkpoint when its params, shards and training
+    code are the same (else that folder is moved aside, never deleted), ``never`` moves it aside, ``must`` continues
+    the same params and shards even across code changes (a long run) and fails without such a run.
     ``tracking_patience_s``: how long a finished run waits for an unreachable tracking server before it writes
     the unsent metrics beside its checkpoints. ``storage_path``: a folder or an object-store URL (``s3://…``) for
     Ray's checkpoints and the run's state. ``worker_resources``: custom Ray resources each training worker needs
     besides its CPUs / GPU (e.g. ``{trainer_slot: 1}`` to place workers on the nodes that offer it).
+    ``val_every`` / ``select`` / ``keep``: validation metrics of ``val_set`` every that many epochs, the score that
+    ranks checkpoints (``composite`` or one main metric; :mod:`cs2fusion.validation`) and whether the final model is
+    the best-scoring checkpoint or the last. ``precision`` / ``fast_losses``: the fast path (docs/training.md).
     """
 
     epochs: int = 20

@@ -16,7 +16,8 @@ from pipeline.common import clean_errors, parser, setup
 from pipeline.register import model_card
 
 log = logging.getLogger("pipeline.ship")
-PROVENANCE = ("source", "epoch", "step", "mlflow_run_id", "git_commit", "shards_sha256")
+PROVENANCE = ("source", "epoch", "step", "selection", "val_score", "step_order", "mlflow_run_id", "git_commit",
+              "shards_sha256")
 
 
 @clean_errors

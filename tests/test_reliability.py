@@ -271,7 +271,9 @@ def test_bad_checkpoints_are_one_line(meta, tensors, named: str, tmp_path: Path)
     ("shard", {"patch_size": -5}, "patch_size"), ("train", {"val_set": "nope/test"}, "val_set"),
     ("evaluate", {"primary_set": "foo/bar"}, "primary_set"), ("register", {"gate_metrics": ["FOO"]}, "FOO"),
     ("register", {"gate_metrics": ["MSE"]}, "MSE"), ("register", {"min_wins": 99}, "min_wins"),
-    ("model", {"input_scale": 0}, "input_scale"),
+    ("model", {"input_scale": 0}, "input_scale"), ("train", {"val_every": 2, "checkpoint_every": 1}, "val_every"),
+    ("train", {"select": "PSNR"}, "select"), ("train", {"keep": "first"}, "keep"),
+    ("train", {"precision": "fp16"}, "precision"),
 ])
 def test_nonsense_params_fail_at_load(section: str, values: dict, named: str, tmp_path: Path) -> None:
     params = {**DEMO, section: {**DEMO.get(section, {}), **values}}
@@ -465,6 +467,59 @@ def test_previous_runs_are_resumed_or_moved_aside(where: str, tmp_path: Path, re
     resume, aside = plan_run(run, "auto", "f2")
     assert not resume and not storage.exists(run) and aside.startswith(run + ".")
     assert storage.read_text(storage.join(aside, "checkpoint_000", "model.safetensors")) == "weights"
+
+
+def test_a_run_resumed_where_its_mlflow_run_is_unknown_continues_in_a_linked_run(tmp_path: Path) -> None:
+    """A run's state carried to another machine (e.g. committed under a preset) names an MLflow run that store lacks:
+    the stage opens a new run tagged ``continues_run`` and stores its id beside the checkpoints."""
+    from mlflow.tracking import MlflowClient
+
+    from cs2fusion import storage
+    from pipeline.mlflow_adapter import Tracker
+    from pipeline.train import RUN_ID_FILE, _new_tracker, _status_or_none
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert _status_or_none(Tracker(uri, "0123456789abcdef0123456789abcdef")) is None
+    params = build(Params, {"tracking": {"artifact_root": str(tmp_path / "artifacts")}})
+    run_dir = str(tmp_path / "runs" / "train")
+    tracker = _new_tracker(params, uri, tmp_path, "ab" * 32, run_dir, continues="0123456789abcdef")
+    assert _status_or_none(tracker) == "RUNNING"
+    assert storage.read_text(storage.join(run_dir, RUN_ID_FILE)) == tracker.run_id
+    tags = MlflowClient(uri).get_run(tracker.run_id).data.tags
+    assert tags["continues_run"] == "0123456789abcdef" and tags["storage"] == run_dir
+
+
+def test_the_kept_checkpoint_is_the_best_scored_or_the_last() -> None:
+    """``train.keep``: best = highest ``val/score`` among Ray's kept checkpoints (a tie goes to the later epoch); last
+    = Ray's latest; without scores, the latest. The metadata's reason names the epoch and the score."""
+    import types
+
+    from pipeline.train import _final_checkpoint
+
+    metrics = [{"epoch": 1, "val/score": 0.9}, {"epoch": 2, "val/score": 0.7}, {"epoch": 3, "val/score": 0.8}]
+    result = types.SimpleNamespace(best_checkpoints=[(f"ckpt{m['epoch']}", m) for m in metrics],
+                                   checkpoint="ckpt3", metrics=metrics[-1])
+    from cs2fusion.config import TrainParams
+
+    train = TrainParams(val_set="x/test", epochs=3)
+    assert _final_checkpoint(result, train) == ("ckpt1", "best val/score (composite) 0.9000 at epoch 1 of 3")
+    last = TrainParams(val_set="x/test", epochs=3, keep="last")
+    assert _final_checkpoint(result, last) == ("ckpt3", "last epoch (3 of 3)")
+    unscored = types.SimpleNamespace(best_checkpoints=[("ckpt3", {"epoch": 3})], checkpoint="ckpt3", metrics={"epoch": 3})
+    assert _final_checkpoint(unscored, train)[0] == "ckpt3"
+
+
+def test_composite_score_is_the_mean_ratio_to_the_pixel_mean_fusion() -> None:
+    from typing import get_args, get_type_hints
+
+    from cs2fusion.config import TrainParams
+    from cs2fusion.validation import SELECTABLE, selection_score
+
+    baseline = {m: float(k + 1) for k, m in enumerate(MAIN_METRICS)}
+    doubled = {m: 2 * v for m, v in baseline.items()}
+    assert selection_score(doubled, baseline, "composite") == pytest.approx(2.0)
+    assert selection_score({**baseline, "Qabf": 3.5}, baseline, "Qabf") == 3.5
+    assert set(SELECTABLE) == set(get_args(get_type_hints(TrainParams)["select"]))
 
 
 def test_unsent_metrics_are_spilled_not_lost(tmp_path: Path) -> None:
