@@ -197,9 +197,11 @@ def train_loop(config: dict[str, Any]) -> None:
                 checkpoint = None
                 if tracker and state.epoch > logged["epoch/loss/backbone"]:
                     tracker.metrics({k: v for k, v in metrics.items() if k != "step"}, step=state.epoch)
-                    if picture is not None:
-                        write_png(Path(folder) / f"val_epoch_{state.epoch:03d}.png", picture)
-                        tracker.artifact(Path(folder) / f"val_epoch_{state.epoch:03d}.png", "val_samples")
+                    if picture is not None:  # beside, not inside, the checkpoint: images stay out of run state
+                        with tempfile.TemporaryDirectory() as pictures:
+                            path = Path(pictures) / f"val_epoch_{state.epoch:03d}.png"
+                            write_png(path, picture)
+                            tracker.artifact(path, "val_samples")
                 if rank == 0 and (state.epoch % tp.checkpoint_every == 0 or last):
                     extra = {"cpn_input_order": cpn_input_order(tp), "step_order": tp.step_order}
                     extra.update({"val_score": val[SCORE], "val_select": tp.select} if val else {})

@@ -509,16 +509,18 @@ def test_the_kept_checkpoint_is_the_best_scored_or_the_last() -> None:
     assert _final_checkpoint(unscored, train)[0] == "ckpt3"
 
 
-def test_composite_score_is_the_mean_ratio_to_the_pixel_mean_fusion() -> None:
+def test_composite_score_is_the_mean_ratio_to_the_pixel_mean_fusion_and_copies_score_0() -> None:
     from typing import get_args, get_type_hints
 
     from cs2fusion.config import TrainParams
     from cs2fusion.validation import SELECTABLE, selection_score
 
-    baseline = {m: float(k + 1) for k, m in enumerate(MAIN_METRICS)}
-    doubled = {m: 2 * v for m, v in baseline.items()}
+    baseline = {**{m: float(k + 1) for k, m in enumerate(MAIN_METRICS)}, "corr_ir": 0.8, "corr_vis": 0.5}
+    doubled = {**{m: 2 * baseline[m] for m in MAIN_METRICS}, "corr_ir": 0.5, "corr_vis": 0.6}
     assert selection_score(doubled, baseline, "composite") == pytest.approx(2.0)
     assert selection_score({**baseline, "Qabf": 3.5}, baseline, "Qabf") == 3.5
+    # a copy of the infrared image (the full recipe's epoch 2 with norm_scope batch: 0.993 / -0.018) is no fusion
+    assert selection_score({**doubled, "corr_ir": 0.993, "corr_vis": -0.018}, baseline, "composite") == 0.0
     assert set(SELECTABLE) == set(get_args(get_type_hints(TrainParams)["select"]))
 
 
