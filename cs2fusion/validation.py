@@ -42,9 +42,10 @@ def mean_scores(rows: Iterable[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
 
 
-def validate(fuser: Fuser, pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-    """Mean scores of ``fuser`` over (ir uint8, vi uint8 grey or RGB) pairs."""
-    return mean_scores(image_scores(fuser.fuse(vis=vi, ir=ir), ir, vi) for ir, vi in pairs)
+def validate(fuser: Fuser, pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[dict[str, float], list[np.ndarray]]:
+    """Mean scores of ``fuser`` over (ir uint8, vi uint8 grey or RGB) pairs, and the fused images (for a grid)."""
+    fused = [fuser.fuse(vis=vi, ir=ir) for ir, vi in pairs]
+    return mean_scores(image_scores(f, ir, vi) for f, (ir, vi) in zip(fused, pairs)), fused
 
 
 def baseline_scores(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:

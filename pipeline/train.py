@@ -32,7 +32,7 @@ from cs2fusion.io import InputError, write_png, write_text
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
 from cs2fusion.training import (build_state, cpn_input_order, load_optim_state, lrs, optim_state, run_epoch,
                                  step_precision)
-from cs2fusion.validation import baseline_scores, image_scores, mean_scores, selection_score
+from cs2fusion.validation import baseline_scores, selection_score, validate
 from cs2fusion.visual import grid
 from pipeline import cluster
 from pipeline.common import absolute, clean_errors, location, parser, setup
@@ -64,9 +64,8 @@ def _validate(backbone: Backbone, pairs: list[tuple[np.ndarray, np.ndarray]], ba
     on whole validation images, and a grid (ir | visible | fused) of the first few."""
     # direct convolutions: no kernel build inside a training worker, and the same path on every machine
     fuser = Fuser(backbone, device=next(backbone.parameters()).device, options=FuseOptions(winograd=False))
-    fused = [fuser.fuse(vis=vi, ir=ir) for ir, vi in pairs]
+    scores, fused = validate(fuser, pairs)
     backbone.train()
-    scores = mean_scores(image_scores(f, ir, vi) for f, (ir, vi) in zip(fused, pairs))
     scores["score"] = selection_score(scores, baseline, select)
     rows = [[ir, vi, f] for f, (ir, vi) in zip(fused[:GRID_ROWS], pairs)]
     return {f"val/{k}": v for k, v in scores.items()}, grid(rows)
@@ -376,7 +375,6 @@ def fit(params: Params, *, shards: str | Path, out: str | Path, metrics_out: Pat
 
     print_, code = fingerprint(params, shards_sha), code_digest()
     resume, aside = plan_run(run_dir, tp.resume, print_, code)
-    tracker = None
     if resume:
         tracker = Tracker(uri, storage.read_text(storage.join(run_dir, RUN_ID_FILE)).strip())
         status = patiently(lambda: _status_or_none(tracker), "status")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cs2fusion.color import rgb_to_ycbcr_bt601_full
+from cs2fusion.color import rgb_to_grey
 from cs2fusion.config import ImpairParams, ModelParams, TrainParams
 from cs2fusion.data.impair import impair
 from cs2fusion.data.pairs import Pair, load_pair
@@ -49,17 +49,13 @@ def _pairs(root: Path, ids: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
     return [load_pair(Pair(i, root / "ir" / f"{i}.png", root / "vi" / f"{i}.png")) for i in ids]
 
 
-def _grey_y(vi: np.ndarray) -> np.ndarray:
-    return rgb_to_ycbcr_bt601_full(vi)[0] if vi.ndim == 3 else vi.astype(np.float32)
-
-
 def batches(pairs: list[tuple[np.ndarray, np.ndarray]], *, epoch: int, patches: int, size: int, batch: int,
             impair_params: ImpairParams, seed: int):
     """Seeded random crops (ir, vis Y, impaired vis Y) in [0, 1], (batch, 1, size, size) each; same for every run."""
     rng = np.random.default_rng([seed, epoch])
     samples = []
     for ir, vi in pairs:
-        y = _grey_y(vi)
+        y = rgb_to_grey(vi) if vi.ndim == 3 else vi.astype(np.float32)
         for _ in range(patches):
             top = int(rng.integers(0, ir.shape[0] - size + 1))
             left = int(rng.integers(0, ir.shape[1] - size + 1))
@@ -104,7 +100,7 @@ def main() -> None:
     base = baseline_scores(val_pairs)
     done = {json.loads(line)["run"] for line in args.out.read_text().splitlines()} if args.out.exists() else set()
     fast = FuseOptions(winograd=False)
-    reference = validate(Fuser(start_nets("published", ModelParams(), published, 0)[0], options=fast), val_pairs)
+    reference, _ = validate(Fuser(start_nets("published", ModelParams(), published, 0)[0], options=fast), val_pairs)
     log.info("published weights on val12: composite %.4f", selection_score(reference, base, "composite"))
     for order, start, scope in itertools.product(args.orders.split(","), args.starts.split(","),
                                                  args.scopes.split(",")):
@@ -122,16 +118,15 @@ def main() -> None:
                                            batch=train.batch_size, impair_params=ImpairParams(), seed=train.seed)),
                               desc=f"{run} epoch {epoch + 1}", disable=None):
                 losses.append(train_step(state, batch, train))
-            scores = validate(Fuser(backbone, options=fast), val_pairs)
+            scores, fused = validate(Fuser(backbone, options=fast), val_pairs)
             epochs.append({"epoch": epoch + 1, "steps": state.step, "wall_s": time.perf_counter() - t0,
                            "loss_backbone": float(np.mean([x["loss/backbone"] for x in losses])),
                            "loss_cpn": float(np.mean([x["loss/cpn"] for x in losses])),
                            "composite": selection_score(scores, base, "composite"), **scores})
             log.info("%s epoch %d: %s", run, epoch + 1, json.dumps({k: round(v, 4) for k, v in epochs[-1].items()}))
-        if args.pictures:
-            fuser = Fuser(backbone, options=fast)
+        if args.pictures:  # the last epoch's validation images
             write_png(args.pictures / f"{run.replace('/', '_')}.png",
-                      grid([[ir, vi, fuser.fuse(vis=vi, ir=ir)] for ir, vi in val_pairs[:3]]))
+                      grid([[ir, vi, f] for f, (ir, vi) in zip(fused[:3], val_pairs)]))
         record = {"run": run, "order": order, "start": start, "scope": scope, "patch": args.patch,
                   "patches_per_pair": args.patches, "epochs": epochs, "published": reference, "mean_fusion": base,
                   "train": dataclasses.asdict(train)}
