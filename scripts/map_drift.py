@@ -1,0 +1,92 @@
+"""Where the compensation map drifts under training: the CPN's map and the fused image's source correlations, probed
+every epoch of short runs that differ in one setting each (issue 17: why the full recipe copies a source).
+
+Same data and batches as ``scripts/short_runs.py`` (random 96² crops of the 168 training pairs, seeded alike, batch 16),
+``roles`` order, random start, ``norm_scope: batch``. The probe: 8 fixed 128² crops of the held-out pairs; ``w_mean``
+is the mean of the map on the CPN's first slot (the weight of that source's intensity term), ``w_gt09`` the share of
+pixels above 0.9 (the published weights: 0.48 and 0.14 on the same crops).
+
+Run: python scripts/map_drift.py --out /tmp/map_drift.jsonl   (~3 min per variant on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cs2fusion.color import rgb_to_grey
+from cs2fusion.config import ImpairParams, ModelParams, TrainParams
+from cs2fusion.training import build_state, train_step
+
+from short_runs import SPLITS, REPO, _ids, _pairs, batches, start_nets
+
+log = logging.getLogger("map_drift")
+VARIANTS = {
+    "paper": {},
+    "no impaired term (k 0)": {"impaired_weight": 0.0},
+    "CPN lr ×0.1": {"lr_cpn": 2e-5},
+    "backbone lr ×0.1": {"lr_backbone": 2e-4},
+}
+
+
+def probe_crops(pairs: list[tuple[np.ndarray, np.ndarray]], size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-left ``size``² crop of the first 8 pairs as (ir, vis Y), (8, 1, size, size) in [0, 1]."""
+    ir = np.stack([p[0][:size, :size] for p in pairs[:8]]).astype(np.float32) / 255
+    vi = np.stack([(rgb_to_grey(p[1]) if p[1].ndim == 3 else p[1].astype(np.float32))[:size, :size]
+                   for p in pairs[:8]]) / 255
+    return torch.from_numpy(ir)[:, None], torch.from_numpy(vi.astype(np.float32))[:, None]
+
+
+def probe(state, train: TrainParams, ir: torch.Tensor, vi: torch.Tensor) -> dict[str, float]:
+    """The CPN's first-slot map statistics and the fused image's correlation with each source on the probe crops."""
+    with torch.no_grad():
+        out = state.backbone(vis_y=vi, ir=ir)
+        slot1, slot2 = (out.vis, out.ir) if train.step_order == "literal" else (out.ir, out.vis)
+        w = state.cpn(ir=slot1, vis=slot2).w_ir
+    fused = out.fused.flatten().numpy()
+
+    def corr(x: torch.Tensor) -> float:
+        return round(float(np.corrcoef(fused, x.flatten().numpy())[0, 1]), 3)
+
+    return {"w_mean": round(float(w.mean()), 3), "w_gt09": round(float((w > 0.9).float().mean()), 3),
+            "corr_ir": corr(ir), "corr_vis": corr(vi)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    p.add_argument("--out", type=Path, required=True, help="results, one JSON line per variant (appended)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--patches", type=int, default=2, help="random crops per training pair per epoch")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    data, published = args.shared / "data" / "roadscene", args.shared / "reference" / "cs2fusion-published"
+    train_pairs = _pairs(data, _ids(SPLITS / "train168.txt"))
+    ir, vi = probe_crops(_pairs(data, _ids(SPLITS / "val12.txt")))
+    model = ModelParams(norm_scope="batch")
+    for name, override in VARIANTS.items():
+        train = TrainParams(step_order="roles", fast_losses=True, **override)
+        backbone, cpn = start_nets("random", model, published, train.seed)
+        state = build_state(model, train, backbone=backbone, cpn=cpn)
+        trace, t0 = [{"step": 0, **probe(state, train, ir, vi)}], time.perf_counter()
+        for epoch in range(args.epochs):
+            for batch in batches(train_pairs, epoch=epoch, patches=args.patches, size=96, batch=train.batch_size,
+                                 impair_params=ImpairParams(), seed=train.seed):
+                train_step(state, batch, train)
+            trace.append({"step": state.step, **probe(state, train, ir, vi)})
+            log.info("%s: %s", name, trace[-1])
+        with args.out.open("a") as f:
+            f.write(json.dumps({"variant": name, "override": override, "wall_s": round(time.perf_counter() - t0),
+                                "trace": trace}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
