@@ -23,6 +23,7 @@ from torch import nn
 from cs2fusion.config import ModelParams, TrainParams
 from cs2fusion.losses import backbone_loss, contrastive_loss
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
+from cs2fusion.model.backbone import BackboneOutput, EncoderFeatures
 from cs2fusion.model.cpn import CPNOutput, sso_features
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -108,6 +109,22 @@ def cpn_input_order(train: TrainParams) -> list[str]:
     return order[::-1] if train.step_order == "literal" else order
 
 
+def cpn_slots(out: BackboneOutput, step_order: str) -> tuple[EncoderFeatures, EncoderFeatures]:
+    """The encoder features in the CPN's two input slots under ``step_order`` (slot 1 gets the map m)."""
+    return (out.vis, out.ir) if step_order == "literal" else (out.ir, out.vis)
+
+
+def map_stats(backbone: Backbone, cpn: CompensationPerceptionNetwork, *, ir: torch.Tensor, vis_y: torch.Tensor,
+              step_order: str) -> dict[str, float]:
+    """Mean of the CPN's map m (the weight of slot 1's intensity term) and its share of pixels above 0.9, on
+    (N, 1, H, W) inputs in [0, 1]: the map saturating towards 1 is what precedes a fused image that copies slot 1's
+    source (docs/training.md; the published weights: 0.48 and 0.14 on RoadScene crops)."""
+    with torch.no_grad():
+        slot1, slot2 = cpn_slots(backbone(vis_y=vis_y, ir=ir), step_order)
+        m = cpn(ir=slot1, vis=slot2).w_ir
+    return {"map_mean": float(m.mean()), "map_high": float((m > 0.9).float().mean())}
+
+
 def train_step(state: TrainState, batch: Batch, train: TrainParams) -> dict[str, float]:
     """One optimisation step of both nets on (ir, vis_y, vis_y_impaired), each (N, 1, H, W) in [0, 1].
 
@@ -123,7 +140,7 @@ def train_step(state: TrainState, batch: Batch, train: TrainParams) -> dict[str,
     state.cpn_train.train()
     with _forward_context(step_precision(train, ir.device.type), ir.device.type):
         out = state.backbone_train(vis_y=vis, ir=ir)
-        slot1, slot2 = (out.vis, out.ir) if literal else (out.ir, out.vis)
+        slot1, slot2 = cpn_slots(out, train.step_order)
         main = state.cpn_train(ir=slot1, vis=slot2)
         with torch.no_grad():
             imp_vis = state.backbone.encoder_vis(vis_imp * state.backbone.params.input_scale)

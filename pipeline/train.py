@@ -25,14 +25,15 @@ import torch
 
 from cs2fusion import storage
 from cs2fusion.checkpoint import load_checkpoint, save_checkpoint
-from cs2fusion.config import Params, build, to_dict
+from cs2fusion.color import rgb_to_grey
+from cs2fusion.config import Params, TrainParams, build, to_dict
 from cs2fusion.data.shards import TrainShards, iter_eval, set_files, set_shards
 from cs2fusion.inference import FuseOptions, Fuser
 from cs2fusion.io import InputError, write_png, write_text
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
-from cs2fusion.training import (build_state, cpn_input_order, load_optim_state, lrs, optim_state, run_epoch,
-                                 step_precision)
-from cs2fusion.validation import baseline_scores, selection_score, validate
+from cs2fusion.training import (build_state, cpn_input_order, load_optim_state, lrs, map_stats, optim_state,
+                                 run_epoch, step_precision)
+from cs2fusion.validation import baseline_scores, mean_scores, selection_score, validate
 from cs2fusion.visual import grid
 from pipeline import cluster
 from pipeline.common import absolute, clean_errors, location, parser, setup
@@ -58,15 +59,21 @@ def _init_nets(params: Params) -> tuple[Backbone, CompensationPerceptionNetwork]
     return backbone, cpn
 
 
-def _validate(backbone: Backbone, pairs: list[tuple[np.ndarray, np.ndarray]], baseline: dict[str, float],
-              select: str) -> tuple[dict[str, float], np.ndarray]:
-    """``val/<metric>`` means (the nine main metrics, the source correlations, ``val/score``) of the current backbone
-    on whole validation images, and a grid (ir | visible | fused) of the first few."""
+def _validate(backbone: Backbone, cpn: CompensationPerceptionNetwork, pairs: list[tuple[np.ndarray, np.ndarray]],
+              baseline: dict[str, float], tp: TrainParams) -> tuple[dict[str, float], np.ndarray]:
+    """``val/<metric>`` means (the nine main metrics, the source correlations, ``val/score``, the CPN map's
+    ``map_mean`` / ``map_high``) of the current nets on whole validation images, and a grid (ir | visible | fused)."""
+    device = next(backbone.parameters()).device
     # direct convolutions: no kernel build inside a training worker, and the same path on every machine
-    fuser = Fuser(backbone, device=next(backbone.parameters()).device, options=FuseOptions(winograd=False))
-    scores, fused = validate(fuser, pairs)
+    scores, fused = validate(Fuser(backbone, device=device, options=FuseOptions(winograd=False)), pairs)
+    def unit(x: np.ndarray) -> torch.Tensor:  # uint8 (H, W) → (1, 1, H, W) in [0, 1]
+        return torch.from_numpy(np.asarray(x, np.float32) / 255)[None, None].to(device)
+
+    maps = [map_stats(backbone, cpn, ir=unit(ir), vis_y=unit(rgb_to_grey(vi) if vi.ndim == 3 else vi),
+                      step_order=tp.step_order) for ir, vi in pairs]
     backbone.train()
-    scores["score"] = selection_score(scores, baseline, select)
+    scores.update(mean_scores(maps))
+    scores["score"] = selection_score(scores, baseline, tp.select)
     rows = [[ir, vi, f] for f, (ir, vi) in zip(fused[:GRID_ROWS], pairs)]
     return {f"val/{k}": v for k, v in scores.items()}, grid(rows)
 
@@ -190,7 +197,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 val, picture = {}, None
                 if validating and (state.epoch % tp.val_every == 0 or last):
                     if rank == 0:
-                        val, picture = _validate(backbone, val_pairs, val_baseline, tp.select)
+                        val, picture = _validate(backbone, cpn, val_pairs, val_baseline, tp)
                     val = _broadcast(val, world)
                     metrics.update(val)
                 checkpoint = None

@@ -2,9 +2,10 @@
 every epoch of short runs that differ in one setting each (issue 17: why the full recipe copies a source).
 
 Same data and batches as ``scripts/short_runs.py`` (random 96² crops of the 168 training pairs, seeded alike, batch 16),
-``roles`` order, random start, ``norm_scope: batch``. The probe: 8 fixed 128² crops of the held-out pairs; ``w_mean``
-is the mean of the map on the CPN's first slot (the weight of that source's intensity term), ``w_gt09`` the share of
-pixels above 0.9 (the published weights: 0.48 and 0.14 on the same crops).
+``roles`` order, random start, ``norm_scope: batch``. The probe: 8 fixed 128² crops of the held-out pairs;
+``map_mean`` is the mean of the map on the CPN's first slot (the weight of that source's intensity term), ``map_high``
+its share of pixels above 0.9 (:func:`cs2fusion.training.map_stats`; the published weights: 0.48 and 0.14 on the
+same crops).
 
 Run: python scripts/map_drift.py --out /tmp/map_drift.jsonl   (~3 min per variant on 2 cores)
 """
@@ -22,7 +23,7 @@ import torch
 
 from cs2fusion.color import rgb_to_grey
 from cs2fusion.config import ImpairParams, ModelParams, TrainParams
-from cs2fusion.training import build_state, train_step
+from cs2fusion.training import build_state, map_stats, train_step
 
 from short_runs import SPLITS, REPO, _ids, _pairs, batches, start_nets
 
@@ -44,18 +45,15 @@ def probe_crops(pairs: list[tuple[np.ndarray, np.ndarray]], size: int = 128) -> 
 
 
 def probe(state, train: TrainParams, ir: torch.Tensor, vi: torch.Tensor) -> dict[str, float]:
-    """The CPN's first-slot map statistics and the fused image's correlation with each source on the probe crops."""
+    """The CPN's map statistics and the fused image's correlation with each source on the probe crops."""
     with torch.no_grad():
-        out = state.backbone(vis_y=vi, ir=ir)
-        slot1, slot2 = (out.vis, out.ir) if train.step_order == "literal" else (out.ir, out.vis)
-        w = state.cpn(ir=slot1, vis=slot2).w_ir
-    fused = out.fused.flatten().numpy()
+        fused = state.backbone(vis_y=vi, ir=ir).fused.flatten().numpy()
 
     def corr(x: torch.Tensor) -> float:
         return round(float(np.corrcoef(fused, x.flatten().numpy())[0, 1]), 3)
 
-    return {"w_mean": round(float(w.mean()), 3), "w_gt09": round(float((w > 0.9).float().mean()), 3),
-            "corr_ir": corr(ir), "corr_vis": corr(vi)}
+    stats = map_stats(state.backbone, state.cpn, ir=ir, vis_y=vi, step_order=train.step_order)
+    return {**{k: round(v, 3) for k, v in stats.items()}, "corr_ir": corr(ir), "corr_vis": corr(vi)}
 
 
 def main() -> None:
