@@ -71,17 +71,25 @@ def backbone_loss(
     w_ir: torch.Tensor,
     w_vis: torch.Tensor,
     scale: float,
+    intensity: str = "norm",
 ) -> dict[str, torch.Tensor]:
     """‖F·w_ir − ir·w_ir‖ + ‖F·w_vis − vis·w_vis‖ + SSIMloss(F, ir) + SSIMloss(F, vis), with its terms.
 
     fused, ir, vis_y: (N, 1, H, W) in [0, 1], compared on the 0–255 ``scale`` as the release does;
     w_ir, w_vis: compensation maps, used as constants (detached), so this loss never trains the CPN.
+    ``intensity``: ``norm`` (the release's Frobenius norms over the batch: a sum of two unsquared distances, least
+    at whichever source weighs more overall, so the fusion tends to a copy of it) or ``mse`` (means of the squared
+    weighted differences: least at the per-pixel mean (w_ir²·ir + w_vis²·vis) / (w_ir² + w_vis²)).
     """
     f, a, b = fused * scale, ir * scale, vis_y * scale
     w_ir, w_vis = w_ir.detach(), w_vis.detach()
+
+    def distance(x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(x) if intensity == "norm" else x.square().mean()
+
     terms = {
-        "intensity_ir": torch.linalg.vector_norm((f - a) * w_ir),
-        "intensity_vis": torch.linalg.vector_norm((f - b) * w_vis),
+        "intensity_ir": distance((f - a) * w_ir),
+        "intensity_vis": distance((f - b) * w_vis),
         "ssim_ir": ssim_loss(f, a, window_size=3, max_val=1.0),
         "ssim_vis": ssim_loss(f, b, window_size=3, max_val=1.0),
     }

@@ -2,12 +2,13 @@
 every epoch of short runs that differ in one setting each (issue 17: why the full recipe copies a source).
 
 Same data and batches as ``scripts/short_runs.py`` (random 96² crops of the 168 training pairs, seeded alike, batch 16),
-``roles`` order, random start, ``norm_scope: batch``. The probe: 8 fixed 128² crops of the held-out pairs;
-``map_mean`` is the mean of the map on the CPN's first slot (the weight of that source's intensity term), ``map_high``
-its share of pixels above 0.9 (:func:`cs2fusion.training.map_stats`; the published weights: 0.48 and 0.14 on the
-same crops).
+``roles`` order and random start unless the variant says otherwise, ``norm_scope: batch``. The probe: 8 fixed 128²
+crops of the held-out pairs; ``map_mean`` is the mean of the map on the CPN's first slot (the weight of that source's
+intensity term), ``map_high`` its share of pixels above 0.9 (:func:`cs2fusion.training.map_stats`; the published
+weights: 0.48 and 0.14 on the same crops).
 
-Run: python scripts/map_drift.py --out /tmp/map_drift.jsonl   (~3 min per variant on 2 cores)
+Run: python scripts/map_drift.py --out /tmp/map_drift.jsonl [--variants NAME,…] [--epochs N]   (~1 min per epoch
+per variant on 2 cores)
 """
 
 from __future__ import annotations
@@ -28,11 +29,17 @@ from cs2fusion.training import build_state, map_stats, train_step
 from short_runs import SPLITS, REPO, _ids, _pairs, batches, start_nets
 
 log = logging.getLogger("map_drift")
+# TrainParams overrides, plus ``start`` (random | pretrain | published); an lr of 1e-12 freezes that net
 VARIANTS = {
     "paper": {},
     "no impaired term (k 0)": {"impaired_weight": 0.0},
     "CPN lr ×0.1": {"lr_cpn": 2e-5},
     "backbone lr ×0.1": {"lr_backbone": 2e-4},
+    "CPN frozen": {"lr_cpn": 1e-12},
+    "backbone frozen": {"lr_backbone": 1e-12},
+    "literal from the published nets": {"step_order": "literal", "start": "published"},
+    "intensity mse": {"intensity": "mse"},
+    "intensity mse + CPN lr ×0.1": {"intensity": "mse", "lr_cpn": 2e-5},
 }
 
 
@@ -63,6 +70,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--patches", type=int, default=2, help="random crops per training pair per epoch")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -70,9 +78,11 @@ def main() -> None:
     train_pairs = _pairs(data, _ids(SPLITS / "train168.txt"))
     ir, vi = probe_crops(_pairs(data, _ids(SPLITS / "val12.txt")))
     model = ModelParams(norm_scope="batch")
-    for name, override in VARIANTS.items():
-        train = TrainParams(step_order="roles", fast_losses=True, **override)
-        backbone, cpn = start_nets("random", model, published, train.seed)
+    for name in args.variants.split(","):
+        override = VARIANTS[name]
+        train = TrainParams(**{"step_order": "roles", "fast_losses": True,
+                               **{k: v for k, v in override.items() if k != "start"}})
+        backbone, cpn = start_nets(override.get("start", "random"), model, published, train.seed)
         state = build_state(model, train, backbone=backbone, cpn=cpn)
         trace, t0 = [{"step": 0, **probe(state, train, ir, vi)}], time.perf_counter()
         for epoch in range(args.epochs):

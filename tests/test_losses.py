@@ -89,6 +89,27 @@ def test_backbone_loss_hand_computed() -> None:
     assert lb["backbone"].item() == pytest.approx(total, rel=1e-6)
 
 
+@pytest.mark.parametrize("intensity", ["norm", "mse"])
+def test_what_the_intensity_terms_pull_the_fusion_to(intensity: str) -> None:
+    """Free fused pixels under the intensity terms alone, maps 0.6 (IR) / 0.4 (visible) everywhere: the release's
+    unsquared norms end at a copy of the IR image (the more weighted source: a two-point Fermat–Weber problem);
+    ``mse`` ends at the per-pixel weighted mean (0.36·ir + 0.16·vis) / 0.52. Why the full recipe copies a source."""
+    gen = torch.Generator().manual_seed(0)
+    ir, vis = torch.rand(2, 1, 16, 16, generator=gen), torch.rand(2, 1, 16, 16, generator=gen)
+    fused = ((ir + vis) / 2).requires_grad_()
+    opt = torch.optim.Adam([fused], lr=1e-2)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [200, 400], gamma=0.1)
+    for _ in range(600):
+        lb = backbone_loss(fused, ir=ir, vis_y=vis, w_ir=torch.full_like(ir, 0.6), w_vis=torch.full_like(ir, 0.4),
+                           scale=255.0, intensity=intensity)
+        opt.zero_grad()
+        (lb["intensity_ir"] + lb["intensity_vis"]).backward()
+        opt.step()
+        sched.step()
+    want = ir if intensity == "norm" else (0.36 * ir + 0.16 * vis) / 0.52
+    assert float((fused.detach() - want).abs().max()) < 0.01
+
+
 def test_impaired_weight_scales_the_second_contrast() -> None:
     torch.manual_seed(1)
     net, cpn = Backbone(), CompensationPerceptionNetwork()
