@@ -66,6 +66,7 @@ def _validate(backbone: Backbone, cpn: CompensationPerceptionNetwork, pairs: lis
     device = next(backbone.parameters()).device
     # direct convolutions: no kernel build inside a training worker, and the same path on every machine
     scores, fused = validate(Fuser(backbone, device=device, options=FuseOptions(winograd=False)), pairs)
+
     def unit(x: np.ndarray) -> torch.Tensor:  # uint8 (H, W) → (1, 1, H, W) in [0, 1]
         return torch.from_numpy(np.asarray(x, np.float32) / 255)[None, None].to(device)
 
