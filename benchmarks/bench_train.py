@@ -22,7 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import DATA, REPO, report
-from cs2fusion.color import rgb_to_grey
+from cs2fusion.color import luminance
 from cs2fusion.config import ImpairParams, ModelParams, TrainParams
 from cs2fusion.data.impair import impair
 from cs2fusion.data.pairs import Pair, load_pair
@@ -44,7 +44,7 @@ def real_batches(count: int, batch: int, size: int, seed: int) -> list[tuple[tor
             pid = ids[int(rng.integers(len(ids)))]
             if pid not in cache:
                 ir, vi = load_pair(Pair(pid, root / "ir" / f"{pid}.png", root / "vi" / f"{pid}.png"))
-                cache[pid] = (ir, rgb_to_grey(vi) if vi.ndim == 3 else vi.astype(np.float32))
+                cache[pid] = (ir, luminance(vi))
             ir, y = cache[pid]
             top, left = (int(rng.integers(0, n - size + 1)) for n in ir.shape)
             a = ir[top:top + size, left:left + size].astype(np.float32) / 255

@@ -33,6 +33,12 @@ def rgb_to_grey(rgb: np.ndarray) -> np.ndarray:
     return rgb_to_ycbcr_bt601_full(rgb)[0]
 
 
+def luminance(vis: np.ndarray) -> np.ndarray:
+    """Y of a visible image, grey (H, W) or RGB (H, W, 3) 0–255, as float32 (H, W): what the network's first branch
+    takes."""
+    return rgb_to_grey(vis) if vis.ndim == 3 else np.asarray(vis, dtype=np.float32)
+
+
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """Clip to 0–255 and truncate, as the CS2Fusion release does when it writes its outputs."""
     return np.clip(x, 0.0, 255.0).astype(np.uint8)

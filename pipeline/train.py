@@ -25,7 +25,7 @@ import torch
 
 from cs2fusion import storage
 from cs2fusion.checkpoint import load_checkpoint, save_checkpoint
-from cs2fusion.color import rgb_to_grey
+from cs2fusion.color import luminance
 from cs2fusion.config import Params, TrainParams, build, to_dict
 from cs2fusion.data.shards import TrainShards, iter_eval, set_files, set_shards
 from cs2fusion.inference import FuseOptions, Fuser
@@ -70,7 +70,7 @@ def _validate(backbone: Backbone, cpn: CompensationPerceptionNetwork, pairs: lis
     def unit(x: np.ndarray) -> torch.Tensor:  # uint8 (H, W) → (1, 1, H, W) in [0, 1]
         return torch.from_numpy(np.asarray(x, np.float32) / 255)[None, None].to(device)
 
-    maps = [map_stats(backbone, cpn, ir=unit(ir), vis_y=unit(rgb_to_grey(vi) if vi.ndim == 3 else vi),
+    maps = [map_stats(backbone, cpn, ir=unit(ir), vis_y=unit(luminance(vi)),
                       step_order=tp.step_order) for ir, vi in pairs]
     backbone.train()
     scores.update(mean_scores(maps))

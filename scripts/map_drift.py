@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cs2fusion.color import rgb_to_grey
+from cs2fusion.color import luminance
 from cs2fusion.config import ImpairParams, ModelParams, TrainParams
 from cs2fusion.training import build_state, map_stats, train_step
 
@@ -46,9 +46,8 @@ VARIANTS = {
 def probe_crops(pairs: list[tuple[np.ndarray, np.ndarray]], size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-left ``size``² crop of the first 8 pairs as (ir, vis Y), (8, 1, size, size) in [0, 1]."""
     ir = np.stack([p[0][:size, :size] for p in pairs[:8]]).astype(np.float32) / 255
-    vi = np.stack([(rgb_to_grey(p[1]) if p[1].ndim == 3 else p[1].astype(np.float32))[:size, :size]
-                   for p in pairs[:8]]) / 255
-    return torch.from_numpy(ir)[:, None], torch.from_numpy(vi.astype(np.float32))[:, None]
+    vi = np.stack([luminance(p[1])[:size, :size] for p in pairs[:8]]) / 255
+    return torch.from_numpy(ir)[:, None], torch.from_numpy(vi)[:, None]
 
 
 def probe(state, train: TrainParams, ir: torch.Tensor, vi: torch.Tensor) -> dict[str, float]:

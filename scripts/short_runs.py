@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cs2fusion.color import rgb_to_grey
+from cs2fusion.color import luminance
 from cs2fusion.config import ImpairParams, ModelParams, TrainParams
 from cs2fusion.data.impair import impair
 from cs2fusion.data.pairs import Pair, load_pair
@@ -55,7 +55,7 @@ def batches(pairs: list[tuple[np.ndarray, np.ndarray]], *, epoch: int, patches: 
     rng = np.random.default_rng([seed, epoch])
     samples = []
     for ir, vi in pairs:
-        y = rgb_to_grey(vi) if vi.ndim == 3 else vi.astype(np.float32)
+        y = luminance(vi)
         for _ in range(patches):
             top = int(rng.integers(0, ir.shape[0] - size + 1))
             left = int(rng.integers(0, ir.shape[1] - size + 1))

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cs2fusion.color import rgb_to_grey, to_uint8
+from cs2fusion.color import luminance, to_uint8
 from cs2fusion.config import ModelParams
 from cs2fusion.inference import FuseOptions, Fuser, kernels
 from cs2fusion.inference.buffers import denormals_flushed, pooled_max_sum
@@ -28,7 +28,7 @@ from tests.conftest import DATA, RS40, synth_pairs
 
 def _pair(folder: Path, i: str) -> tuple[np.ndarray, np.ndarray]:
     vi = read_image(folder / "vi" / f"{i}.png")
-    y = rgb_to_grey(vi) if vi.ndim == 3 else vi.astype(np.float32)
+    y = luminance(vi)
     return y, read_image(folder / "ir" / f"{i}.png").astype(np.float32)
 
 
