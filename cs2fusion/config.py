@@ -36,6 +36,9 @@ class ModelParams:
     # "sample": per-sample min-max / mean inside the CPN (a sample's map is independent of its batch);
     # "batch": over the whole batch tensor, as the original release does.
     norm_scope: Literal["sample", "batch"] = "sample"
+    # the CPN's map: "minmax" (the release's: its extremes set the range, so the contrastive losses can push almost
+    # every pixel to 1) or "robust" (range mean ± 2 std, clamped: the map's mean stays near 0.5, docs/training.md)
+    map_norm: Literal["minmax", "robust"] = "minmax"
 
     def __post_init__(self) -> None:
         _require({"channels (>= 1)": self.channels >= 1, "input_scale (> 0)": self.input_scale > 0,

@@ -29,7 +29,8 @@ from cs2fusion.training import build_state, map_stats, train_step
 from short_runs import SPLITS, REPO, _ids, _pairs, batches, start_nets
 
 log = logging.getLogger("map_drift")
-# TrainParams overrides, plus ``start`` (random | pretrain | published); an lr of 1e-12 freezes that net
+# TrainParams overrides, plus ``start`` (random | pretrain | published) and ``map_norm`` (ModelParams); an lr of 1e-12
+# freezes that net
 VARIANTS = {
     "paper": {},
     "no impaired term (k 0)": {"impaired_weight": 0.0},
@@ -40,7 +41,11 @@ VARIANTS = {
     "literal from the published nets": {"step_order": "literal", "start": "published"},
     "intensity mse": {"intensity": "mse"},
     "intensity mse + CPN lr ×0.1": {"intensity": "mse", "lr_cpn": 2e-5},
+    "robust map": {"map_norm": "robust"},
+    "robust map + mse": {"map_norm": "robust", "intensity": "mse"},
+    "robust map + mse; literal": {"map_norm": "robust", "intensity": "mse", "step_order": "literal"},
 }
+NET_KEYS = ("start", "map_norm")
 
 
 def probe_crops(pairs: list[tuple[np.ndarray, np.ndarray]], size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,11 +81,11 @@ def main() -> None:
     data, published = args.shared / "data" / "roadscene", args.shared / "reference" / "cs2fusion-published"
     train_pairs = _pairs(data, _ids(SPLITS / "train168.txt"))
     ir, vi = probe_crops(_pairs(data, _ids(SPLITS / "val12.txt")))
-    model = ModelParams(norm_scope="batch")
     for name in args.variants.split(","):
         override = VARIANTS[name]
+        model = ModelParams(norm_scope="batch", map_norm=override.get("map_norm", "minmax"))
         train = TrainParams(**{"step_order": "roles", "fast_losses": True,
-                               **{k: v for k, v in override.items() if k != "start"}})
+                               **{k: v for k, v in override.items() if k not in NET_KEYS}})
         backbone, cpn = start_nets(override.get("start", "random"), model, published, train.seed)
         state = build_state(model, train, backbone=backbone, cpn=cpn)
         trace, t0 = [{"step": 0, **probe(state, train, ir, vi)}], time.perf_counter()

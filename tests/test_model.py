@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cs2fusion.config import ModelParams
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
+from cs2fusion.model.cpn import minmax, robust_minmax
 
 
 def test_parameter_counts_match_release() -> None:
@@ -66,3 +68,33 @@ def test_cpn_sample_independent_of_batch(scope: str, independent: bool) -> None:
     w_batch = cpn(ir=out.ir, vis=out.vis).w_ir[:1]
     w_alone = cpn(ir=alone.ir, vis=alone.vis).w_ir
     assert torch.allclose(w_batch, w_alone, atol=1e-6) == independent
+
+
+@pytest.mark.parametrize("scope", ["sample", "batch"])
+def test_robust_map_is_not_set_by_a_few_pixels(scope: str) -> None:
+    """A map at its top almost everywhere with a few pixels far below: min-max puts ~all of it at 1 (the saturation
+    that makes the full recipe copy one source); the robust normalisation keeps its mean near 0.5, still in [0, 1]
+    and still ordered like the input."""
+    x = torch.ones(2, 1, 20, 20)
+    x[:, :, :2, :2] = -3.0                   # 1 % of the pixels
+    x = x + 0.01 * torch.randn_like(x)
+    assert float(minmax(x, scope).mean()) > 0.95
+    robust = robust_minmax(x, scope)
+    assert 0.4 < float(robust.mean()) < 0.6
+    assert float(robust.min()) >= 0.0 and float(robust.max()) <= 1.0
+    for xs, rs in zip(x.flatten(1), robust.flatten(1)):
+        assert bool((rs[xs.argsort()].diff() >= 0).all())
+
+
+def test_cpn_map_norm_choice() -> None:
+    """``model.map_norm`` picks how the CPN's estimator output becomes the map; the release's min-max is the default."""
+    torch.manual_seed(0)
+    vis, ir = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
+    assert ModelParams().map_norm == "minmax"
+    for norm, normalise in (("minmax", minmax), ("robust", robust_minmax)):
+        params = ModelParams(map_norm=norm)
+        torch.manual_seed(1)
+        net, cpn = Backbone(params), CompensationPerceptionNetwork(params)
+        out = net(vis_y=vis, ir=ir)
+        h = F.leaky_relu(cpn.conv(torch.cat([out.ir.stacked(), out.vis.stacked()], dim=1)), params.negative_slope)
+        torch.testing.assert_close(cpn(ir=out.ir, vis=out.vis).w_ir, normalise(cpn.estimator(h), params.norm_scope))

@@ -41,6 +41,15 @@ def minmax(x: torch.Tensor, scope: str) -> torch.Tensor:
     return (x - lo) / (hi - lo + 1e-10)
 
 
+def robust_minmax(x: torch.Tensor, scope: str) -> torch.Tensor:
+    """Min-max with the range taken as mean ± 2·std and the rest clamped: unlike :func:`minmax`, no handful of pixels
+    sets the range, so the map cannot drift to 1 almost everywhere (its mean stays near 0.5 whatever its shape)."""
+    dims = _reduce_dims(x, scope)
+    mean = x.mean(dim=dims, keepdim=True)
+    std = x.std(dim=dims, keepdim=True)
+    return ((x - mean) / (4 * std + 1e-10) + 0.5).clamp(0.0, 1.0)
+
+
 def saliency_operation(e: torch.Tensor, scope: str) -> torch.Tensor:
     """SSO(e) = minmax(clamp(e − mean(e), 1e-10)) + softmax(f fᵀ) f + e, with f = e as (N, C, H·W)."""
     n, c, h, w = e.shape
@@ -72,7 +81,8 @@ class CompensationPerceptionNetwork(nn.Module):
         vis = EncoderFeatures(*(t.detach() for t in vis))
         scope = self.params.norm_scope
         h = F.leaky_relu(self.conv(torch.cat([ir.stacked(), vis.stacked()], dim=1)), self.params.negative_slope)
-        w_ir = minmax(self.estimator(h), scope)
+        normalise = robust_minmax if self.params.map_norm == "robust" else minmax
+        w_ir = normalise(self.estimator(h), scope)
         w_vis = 1.0 - w_ir
         return CPNOutput(
             w_ir=w_ir,
