@@ -157,6 +157,8 @@ class TrainParams:
     # the backbone's intensity terms: "norm" the release's ‖w·(F − S)‖ over the batch (its minimum is a copy of the
     # more weighted source); "mse": mean of (w·(F − S))², least at the per-pixel weighted mean (docs/training.md)
     intensity: Literal["norm", "mse"] = "norm"
+    # weight of the two SSIM terms beside the intensity terms (the release: 1, where they barely count)
+    ssim_weight: float = 1.0
     # which source the CPN's map m (first slot) goes with: "roles" infrared, "literal" visible (docs/conventions.md)
     step_order: Literal["roles", "literal"] = "roles"
     # fast path: bf16 forward under autocast where the hardware has bf16 (fp32 otherwise, logged); Gram similarities

@@ -72,14 +72,17 @@ def backbone_loss(
     w_vis: torch.Tensor,
     scale: float,
     intensity: str = "norm",
+    ssim_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """‖F·w_ir − ir·w_ir‖ + ‖F·w_vis − vis·w_vis‖ + SSIMloss(F, ir) + SSIMloss(F, vis), with its terms.
+    """‖F·w_ir − ir·w_ir‖ + ‖F·w_vis − vis·w_vis‖ + λ·(SSIMloss(F, ir) + SSIMloss(F, vis)), with its terms.
 
     fused, ir, vis_y: (N, 1, H, W) in [0, 1], compared on the 0–255 ``scale`` as the release does;
     w_ir, w_vis: compensation maps, used as constants (detached), so this loss never trains the CPN.
     ``intensity``: ``norm`` (the release's Frobenius norms over the batch: a sum of two unsquared distances, least
     at whichever source weighs more overall, so the fusion tends to a copy of it) or ``mse`` (means of the squared
     weighted differences: least at the per-pixel mean (w_ir²·ir + w_vis²·vis) / (w_ir² + w_vis²)).
+    ``ssim_weight`` λ: 1 in the release, where the SSIM terms (≤ 1) are lost beside intensity terms of 10²–10⁴; the
+    reported ``ssim_*`` terms are unweighted.
     """
     f, a, b = fused * scale, ir * scale, vis_y * scale
     w_ir, w_vis = w_ir.detach(), w_vis.detach()
@@ -93,4 +96,5 @@ def backbone_loss(
         "ssim_ir": ssim_loss(f, a, window_size=3, max_val=1.0),
         "ssim_vis": ssim_loss(f, b, window_size=3, max_val=1.0),
     }
-    return {"backbone": sum(terms.values()), **terms}
+    total = terms["intensity_ir"] + terms["intensity_vis"] + ssim_weight * (terms["ssim_ir"] + terms["ssim_vis"])
+    return {"backbone": total, **terms}

@@ -110,6 +110,19 @@ def test_what_the_intensity_terms_pull_the_fusion_to(intensity: str) -> None:
     assert float((fused.detach() - want).abs().max()) < 0.01
 
 
+def test_ssim_weight_scales_only_the_ssim_terms() -> None:
+    """λ multiplies the two SSIM terms in the total; the reported terms stay unweighted."""
+    gen = torch.Generator().manual_seed(2)
+    f, ir, vis, w = (torch.rand(2, 1, 16, 16, generator=gen, dtype=torch.float64) for _ in range(4))
+    one, ten = (backbone_loss(f, ir=ir, vis_y=vis, w_ir=w, w_vis=1 - w, scale=255.0, intensity="mse", ssim_weight=k)
+                for k in (1.0, 10.0))
+    for key in ("intensity_ir", "intensity_vis", "ssim_ir", "ssim_vis"):
+        assert ten[key].item() == one[key].item()
+    ssim = one["ssim_ir"].item() + one["ssim_vis"].item()
+    assert ssim > 0.05
+    assert (ten["backbone"] - one["backbone"]).item() == pytest.approx(9 * ssim, rel=1e-5)
+
+
 def test_impaired_weight_scales_the_second_contrast() -> None:
     torch.manual_seed(1)
     net, cpn = Backbone(), CompensationPerceptionNetwork()
