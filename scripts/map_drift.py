@@ -52,7 +52,9 @@ VARIANTS = {
     "robust map + mse": {"map_norm": "robust", "intensity": "mse"},
     "robust map + mse; literal": {"map_norm": "robust", "intensity": "mse", "step_order": "literal"},
     # the SSIM terms' gradient is ~7·10⁴ times smaller than the mse terms' at λ 1 (random and published nets)
+    "robust map + mse + SSIM ×3e3": {"map_norm": "robust", "intensity": "mse", "ssim_weight": 3e3},
     "robust map + mse + SSIM ×1e4": {"map_norm": "robust", "intensity": "mse", "ssim_weight": 1e4},
+    "robust map + mse + SSIM ×3e4": {"map_norm": "robust", "intensity": "mse", "ssim_weight": 3e4},
     "robust map + mse + SSIM ×1e5": {"map_norm": "robust", "intensity": "mse", "ssim_weight": 1e5},
     "robust map + mse + SSIM ×1e6": {"map_norm": "robust", "intensity": "mse", "ssim_weight": 1e6},
 }
