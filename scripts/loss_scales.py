@@ -34,8 +34,8 @@ def main() -> None:
         net, cpn = start_nets(start, ModelParams(map_norm="robust"), published, 0)
         out = net(vis_y=vis, ir=ir)
         m = cpn(ir=out.ir, vis=out.vis)
-        lb = backbone_loss(out.fused, ir=ir, vis_y=vis, w_ir=m.w_ir, w_vis=m.w_vis, scale=255.0,
-                           intensity=args.intensity)
+        lb = backbone_loss(out.fused, ir=ir, vis_y=vis, w_ir=m.w_ir, w_vis=m.w_vis,
+                           scale=net.params.input_scale, intensity=args.intensity)
         params = list(net.parameters())
         norms = {}
         for name, term in (("intensity", lb["intensity_ir"] + lb["intensity_vis"]),

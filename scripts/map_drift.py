@@ -27,13 +27,10 @@ import torch
 
 from cs2fusion.color import luminance
 from cs2fusion.config import ImpairParams, ModelParams, TrainParams
-from cs2fusion.inference import FuseOptions, Fuser
-from cs2fusion.io import write_png
 from cs2fusion.training import build_state, map_stats, train_step
-from cs2fusion.validation import baseline_scores, selection_score, validate
-from cs2fusion.visual import grid
+from cs2fusion.validation import baseline_scores
 
-from short_runs import SPLITS, REPO, _ids, _pairs, batches, start_nets
+from short_runs import SPLITS, REPO, _ids, _pairs, batches, score_backbone, start_nets
 
 log = logging.getLogger("map_drift")
 # TrainParams overrides, plus ``start`` (random | pretrain | published) and ``map_norm`` (ModelParams); an lr of 1e-12
@@ -114,11 +111,8 @@ def main() -> None:
             log.info("%s: %s", name, trace[-1])
         record = {"variant": name, "override": override, "wall_s": round(time.perf_counter() - t0), "trace": trace}
         if args.validate:
-            scores, fused = validate(Fuser(state.backbone, options=FuseOptions(winograd=False)), val_pairs)
-            if args.pictures:
-                write_png(args.pictures / f"{name.replace(' ', '_').replace(';', '')}.png",
-                          grid([[ir_, vi_, f] for f, (ir_, vi_) in zip(fused[:3], val_pairs)]))
-            record["validation"] = {"composite": selection_score(scores, base, "composite"), **scores}
+            picture = args.pictures / f"{name.replace(' ', '_').replace(';', '')}.png" if args.pictures else None
+            record["validation"] = score_backbone(state.backbone, val_pairs, base, picture)
             log.info("%s validation: %s", name, {k: round(v, 3) for k, v in record["validation"].items()})
         with args.out.open("a") as f:
             f.write(json.dumps(record) + "\n")

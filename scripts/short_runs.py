@@ -68,6 +68,16 @@ def batches(pairs: list[tuple[np.ndarray, np.ndarray]], *, epoch: int, patches: 
         yield tuple(torch.from_numpy(np.stack([s[j] for s in chunk])[:, None]) for j in range(3))
 
 
+def score_backbone(backbone: Backbone, val_pairs: list[tuple[np.ndarray, np.ndarray]], base: dict[str, float],
+                   picture: Path | None = None) -> dict[str, float]:
+    """Composite selection score and the nine main metrics of ``backbone`` on whole validation pairs; with
+    ``picture``, a grid (IR | visible | fused) of the first three pairs written there."""
+    scores, fused = validate(Fuser(backbone, options=FuseOptions(winograd=False)), val_pairs)
+    if picture:
+        write_png(picture, grid([[ir, vi, f] for f, (ir, vi) in zip(fused[:3], val_pairs)]))
+    return {"composite": selection_score(scores, base, "composite"), **scores}
+
+
 def start_nets(start: str, model: ModelParams, published: Path, seed: int):
     torch.manual_seed(seed)
     backbone, cpn = Backbone(model), CompensationPerceptionNetwork(model)
@@ -118,15 +128,13 @@ def main() -> None:
                                            batch=train.batch_size, impair_params=ImpairParams(), seed=train.seed)),
                               desc=f"{run} epoch {epoch + 1}", disable=None):
                 losses.append(train_step(state, batch, train))
-            scores, fused = validate(Fuser(backbone, options=fast), val_pairs)
+            last = epoch == args.epochs - 1  # the last epoch's validation images
+            picture = args.pictures / f"{run.replace('/', '_')}.png" if args.pictures and last else None
+            scores = score_backbone(backbone, val_pairs, base, picture)
             epochs.append({"epoch": epoch + 1, "steps": state.step, "wall_s": time.perf_counter() - t0,
                            "loss_backbone": float(np.mean([x["loss/backbone"] for x in losses])),
-                           "loss_cpn": float(np.mean([x["loss/cpn"] for x in losses])),
-                           "composite": selection_score(scores, base, "composite"), **scores})
+                           "loss_cpn": float(np.mean([x["loss/cpn"] for x in losses])), **scores})
             log.info("%s epoch %d: %s", run, epoch + 1, json.dumps({k: round(v, 4) for k, v in epochs[-1].items()}))
-        if args.pictures:  # the last epoch's validation images
-            write_png(args.pictures / f"{run.replace('/', '_')}.png",
-                      grid([[ir, vi, f] for f, (ir, vi) in zip(fused[:3], val_pairs)]))
         record = {"run": run, "order": order, "start": start, "scope": scope, "patch": args.patch,
                   "patches_per_pair": args.patches, "epochs": epochs, "published": reference, "mean_fusion": base,
                   "train": dataclasses.asdict(train)}
