@@ -46,13 +46,27 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         raise pytest.UsageError(f"{NO_DATA}; CS2FUSION_REQUIRE_DATA=1 makes it required")
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m selects by the markers added here
+# Under pytest-xdist (scripts/test.sh: `-n 2 --dist loadgroup`) each process starts its own session fixtures: the
+# tests that use one of these costly ones run in one process, so each starts once.
+SHARED_FIXTURE_GROUPS = {"ray_head": "ray_head", "s3_server": "ray_head", "published_fused_rs40": "published"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by the markers added here, and before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
+        group = next((g for name, g in SHARED_FIXTURE_GROUPS.items() if name in item.fixturenames), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
         if not any(item.get_closest_marker(name) for name in ("data", "slow", "cluster")):
             item.add_marker(pytest.mark.unit)
         elif not HAVE_DATA and item.get_closest_marker("data"):
             item.add_marker(pytest.mark.skip(reason=NO_DATA))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.tiny import LOCAL_RAY_TMP
+
+    shutil.rmtree(LOCAL_RAY_TMP, ignore_errors=True)  # the local Ray instances' sessions (logs, spilled objects)
 
 
 def require_data() -> None:

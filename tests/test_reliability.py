@@ -505,7 +505,8 @@ def test_the_kept_checkpoint_is_the_best_scored_or_the_last() -> None:
     assert _final_checkpoint(result, train) == ("ckpt1", "best val/score (composite) 0.9000 at epoch 1 of 3")
     last = TrainParams(val_set="x/test", epochs=3, keep="last")
     assert _final_checkpoint(result, last) == ("ckpt3", "last epoch (3 of 3)")
-    unscored = types.SimpleNamespace(best_checkpoints=[("ckpt3", {"epoch": 3})], checkpoint="ckpt3", metrics={"epoch": 3})
+    unscored = types.SimpleNamespace(best_checkpoints=[("ckpt3", {"epoch": 3})], checkpoint="ckpt3",
+                                     metrics={"epoch": 3})
     assert _final_checkpoint(unscored, train)[0] == "ckpt3"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,20 @@ def write_params(folder: Path, **sections: dict[str, Any]) -> Path:
     return path
 
 
+# `ray.init()` without an address attaches to the cluster that a `ray start` on this machine named in
+# <RAY_TMPDIR or /tmp>/ray/ray_current_cluster (the tests' second node may write it there): the stages meant to start
+# a local instance of their own look in a folder of this test process instead.
+LOCAL_RAY_TMP = Path(tempfile.gettempdir()) / f"cs2f-ray-{os.getpid()}"
+
+
 def env(**extra: str) -> dict[str, str]:
-    """The environment for stage subprocesses (quiet, offline, the repo importable)."""
-    out = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # each test names its own store
+    """The environment for stage subprocesses (quiet, offline, the repo importable; without ``RAY_ADDRESS`` a
+    local Ray instance of the stage's own)."""
+    out = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     out.update({"RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
                 "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"})
+    if "RAY_ADDRESS" not in extra:
+        out["RAY_TMPDIR"] = str(LOCAL_RAY_TMP)
     out.update(extra)
     return out
 
@@ -47,7 +57,8 @@ def stage(folder: Path, module: str, *args: str, timeout: int = 600, **env_extra
     proc = subprocess.run([sys.executable, "-m", f"pipeline.{module}", *args], cwd=folder, env=env(**env_extra),
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"pipeline.{module} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"pipeline.{module} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
     return proc
 
 
