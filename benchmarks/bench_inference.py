@@ -64,7 +64,7 @@ def main() -> None:
         pairs.append((rgb_to_grey(read_image(folder / "vi" / f"{k}.png")),
                       read_image(folder / "ir" / f"{k}.png").astype(np.float32)))
     rng = np.random.default_rng(0)
-    synthetic = [(rng.uniform(0, 255, (480, 640)).astype(np.float32), rng.uniform(0, 255, (480, 640)).astype(np.float32))]
+    synthetic = [tuple(rng.uniform(0, 255, (480, 640)).astype(np.float32) for _ in range(2))]
     paths = {
         "straightforward fp32": FuseOptions(fast=False),
         "fast fp32": FuseOptions(),

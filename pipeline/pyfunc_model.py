@@ -16,7 +16,8 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
 SIGNATURE = ModelSignature(
-    inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), "ir"), TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1), "vi")]),
+    inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), "ir"),
+                   TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1), "vi")]),
     outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1), "fused")]),
 )
 
