@@ -47,8 +47,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 # Under pytest-xdist (scripts/test.sh: `-n 2 --dist loadgroup`) each process starts its own session fixtures: the
-# tests that use one of these costly ones run in one process, so each starts once.
-SHARED_FIXTURE_GROUPS = {"ray_head": "ray_head", "s3_server": "ray_head", "published_fused_rs40": "published"}
+# tests that use one of these costly ones run in one process, so each starts once. The Ray trainings also run one
+# after another in that process (the quick start's local-Ray one too); the dvc repro end to end and the CPU-bound
+# tests fill the other.
+SHARED_FIXTURE_GROUPS = {"ray_head": "ray", "s3_server": "ray", "published_fused_rs40": "published"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by the markers added here, and before xdist reads the groups

@@ -24,7 +24,8 @@ from cs2fusion.io import read_image
 from tests.conftest import DATA, RayHead, free_port, start_mlflow_server
 from tests.tiny import env, prepare_and_shard, stage, write_params
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.data]
+# one process of `-n 2` runs all of them, after one another (tests/conftest.py: SHARED_FIXTURE_GROUPS)
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.data, pytest.mark.xdist_group("ray")]
 
 
 @pytest.fixture(scope="module")
