@@ -48,7 +48,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 # Under pytest-xdist (scripts/test.sh: `-n 2 --dist loadgroup`) each process starts its own session fixtures: the
 # tests that use one of these costly ones run in one process, so each starts once. The Ray trainings also run one
-# after another in that process (test_cluster.py and test_train_ray.py carry the group), the dvc repro end to end and
+# after another in that process (test_train_ray.py's module mark), the dvc repro end to end and
 # the CPU-bound tests fill the other. (pytest < 9.2: scripts/constraints.txt says why.)
 SHARED_FIXTURE_GROUPS = {"ray_head": "ray", "s3_server": "ray", "published_fused_rs40": "published"}
 

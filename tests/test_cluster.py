@@ -30,8 +30,7 @@ from cs2fusion.io import InputError, read_image
 from tests.conftest import DATA, REPO, TRAINER_SLOT, RayHead, free_port, start_mlflow_server
 from tests.tiny import TINY, env, stage, write_params
 
-# one process of `-n 2` runs these and test_train_ray.py, after one another (tests/conftest.py: SHARED_FIXTURE_GROUPS)
-pytestmark = [pytest.mark.cluster, pytest.mark.data, pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.cluster, pytest.mark.data]  # in the "ray" xdist group by their fixtures (ray_head, s3)
 
 
 def test_shards_in_object_storage(s3: str, tmp_path: Path) -> None:
