@@ -57,7 +57,7 @@ def read_image(path: str | Path) -> np.ndarray:
         raise InputError(f"{path}: no such file") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise InputError(f"{path}: corrupt or truncated image ({err})") from None
-    if array.ndim == 3 and np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(array[..., 0], array[..., 2]):
+    if array.ndim == 3 and all(np.array_equal(array[..., 0], array[..., c]) for c in (1, 2)):
         array = np.ascontiguousarray(array[..., 0])
     return array
 

@@ -33,8 +33,9 @@ from cs2fusion.validation import baseline_scores
 from short_runs import SPLITS, REPO, _ids, _pairs, batches, score_backbone, start_nets
 
 log = logging.getLogger("map_drift")
-# TrainParams overrides, plus ``start`` (random | pretrain | published) and ``map_norm`` (ModelParams); an lr of 1e-12
-# freezes that net
+PHASE1 = str(REPO / "presets" / "roadscene" / "init" / "phase1-epoch6.safetensors")
+# TrainParams overrides, plus ``start`` (random | pretrain | published | a checkpoint .safetensors) and ``map_norm``
+# (ModelParams); an lr of 1e-12 freezes that net
 VARIANTS = {
     "paper": {},
     "no impaired term (k 0)": {"impaired_weight": 0.0},
@@ -54,6 +55,15 @@ VARIANTS = {
     "robust map + mse + SSIM ×3e4": {"map_norm": "robust", "intensity": "mse", "ssim_weight": 3e4},
     "robust map + mse + SSIM ×1e5": {"map_norm": "robust", "intensity": "mse", "ssim_weight": 1e5},
     "robust map + mse + SSIM ×1e6": {"map_norm": "robust", "intensity": "mse", "ssim_weight": 1e6},
+    # the map's range: mean ± 2 std (robust) holds a two-level map at 0.25–0.75, ± 1 std (robust_tight) lets it span 0–1
+    "tight map + mse + SSIM ×1e4": {"map_norm": "robust_tight", "intensity": "mse", "ssim_weight": 1e4},
+    # from the full recipe's epoch-6 state (phase 1 of presets/roadscene) at its learning rates then (×0.1)
+    "phase 1 epoch 6, robust": {"map_norm": "robust", "intensity": "mse", "ssim_weight": 1e4, "start": PHASE1,
+                                "lr_backbone": 2e-4, "lr_cpn": 2e-5},
+    "phase 1 epoch 6, tight": {"map_norm": "robust_tight", "intensity": "mse", "ssim_weight": 1e4, "start": PHASE1,
+                               "lr_backbone": 2e-4, "lr_cpn": 2e-5},
+    "phase 1 epoch 6, tight, lr ×10": {"map_norm": "robust_tight", "intensity": "mse", "ssim_weight": 1e4,
+                                       "start": PHASE1},
 }
 NET_KEYS = ("start", "map_norm")
 

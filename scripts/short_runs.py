@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cs2fusion.checkpoint import load_checkpoint
 from cs2fusion.color import luminance
 from cs2fusion.config import ImpairParams, ModelParams, TrainParams
 from cs2fusion.data.impair import impair
@@ -81,7 +82,11 @@ def score_backbone(backbone: Backbone, val_pairs: list[tuple[np.ndarray, np.ndar
 def start_nets(start: str, model: ModelParams, published: Path, seed: int):
     torch.manual_seed(seed)
     backbone, cpn = Backbone(model), CompensationPerceptionNetwork(model)
-    if start == "pretrain":
+    if start.endswith(".safetensors"):  # a checkpoint's nets (its CPN too where it has one)
+        ckpt = load_checkpoint(start, with_cpn=True)
+        backbone.load_state_dict(ckpt.backbone.state_dict())
+        cpn.load_state_dict(ckpt.cpn.state_dict())
+    elif start == "pretrain":
         load_published_backbone(backbone, published / "pretrain-backbone.pt")
     elif start == "published":
         load_published_backbone(backbone, published / "backbone.pt")

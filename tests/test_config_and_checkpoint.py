@@ -21,11 +21,12 @@ from tests.conftest import REPO
 @pytest.mark.parametrize("path", ["params.yaml", "presets/roadscene/params.yaml"])
 def test_shipped_params_load(path: str) -> None:
     params = load_params(REPO / path)
-    assert params.train.lr_cpn == 2e-4 and params.model.input_scale == 255
+    assert params.model.input_scale == 255 and Path(REPO / params.train.init_from).is_file()
     if path == "params.yaml":  # the demo fine-tunes the shipped model gently (README, quick start)
-        assert params.train.lr_backbone == 2e-5 and Path(REPO / params.train.init_from).is_file()
-    else:  # the paper's recipe, from scratch
-        assert params.train.lr_backbone == 2e-3 and not params.train.init_from
+        assert (params.train.lr_backbone, params.train.lr_cpn) == (2e-5, 2e-4)
+    else:  # phase 2 of the paper's recipe: its epochs 7-20 (lr ×0.1, drops at 10 and 15) from phase 1's epoch 6
+        train = params.train
+        assert (train.lr_backbone, train.lr_cpn, train.epochs, train.milestones) == (2e-4, 2e-5, 14, (4, 9))
 
 
 def test_params_reject_unknown_keys_and_wrong_types(tmp_path: Path) -> None:

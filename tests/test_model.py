@@ -86,12 +86,25 @@ def test_robust_map_is_not_set_by_a_few_pixels(scope: str) -> None:
         assert bool((rs[xs.argsort()].diff() >= 0).all())
 
 
+@pytest.mark.parametrize(("spread", "top"), [(2.0, 0.75), (1.0, 1.0)])
+def test_robust_map_of_a_two_level_input(spread: float, top: float) -> None:
+    """A map that is one of two values (half the pixels each): its std is half the gap, so mean ± 2 std spans only
+    0.25–0.75 and mean ± 1 std (``robust_tight``) 0–1, as min-max does (up to the unbiased std's √(n/(n−1)))."""
+    x = torch.zeros(1, 1, 8, 8)
+    x[..., :4] = 3.0
+    w = robust_minmax(x, "sample", spread=spread)
+    shrink = (63 / 64) ** 0.5
+    assert float(w[..., :4].mean()) == pytest.approx(0.5 + (top - 0.5) * shrink, abs=1e-6)
+    assert float(w[..., 4:].mean()) == pytest.approx(0.5 - (top - 0.5) * shrink, abs=1e-6)
+
+
 def test_cpn_map_norm_choice() -> None:
     """``model.map_norm`` picks how the CPN's estimator output becomes the map; the release's min-max is the default."""
     torch.manual_seed(0)
     vis, ir = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
     assert ModelParams().map_norm == "minmax"
-    for norm, normalise in (("minmax", minmax), ("robust", robust_minmax)):
+    for norm, normalise in (("minmax", minmax), ("robust", robust_minmax),
+                            ("robust_tight", lambda x, scope: robust_minmax(x, scope, spread=1.0))):
         params = ModelParams(map_norm=norm)
         torch.manual_seed(1)
         net, cpn = Backbone(params), CompensationPerceptionNetwork(params)

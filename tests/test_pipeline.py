@@ -79,11 +79,27 @@ def test_dvc_repro_end_to_end(project: Path) -> None:
     _run(project, "dvc", "plots", "show", "-o", "dvc_plots")
     assert (project / "dvc_plots" / "index.html").is_file()
 
-    # changing a training parameter reruns train and what follows, nothing before it
-    exp = _run(project, "dvc", "exp", "run", "-S", "train.seed=1")
-    assert "Running stage 'train'" in exp and "Running stage 'register'" in exp
-    for stage in ("synth", "prepare", "shard"):
+    # a training parameter makes train stale (and so what reads its model), nothing before it
+    params = project / "params.yaml"
+    original = params.read_text()
+    params.write_text(_with(original, "train", seed=1))
+    stale = set(json.loads(_run(project, "dvc", "status", "--json", with_stderr=False)))
+    params.write_text(original)
+    assert "train" in stale and not stale & {"synth", "prepare", "shard"}, sorted(stale)
+
+    # an experiment reruns the stage of the parameter it sets (one after training: a second training adds nothing
+    # here) and only what its outputs change
+    exp = _run(project, "dvc", "exp", "run", "-S", "evaluate.report_samples=1")
+    assert "Running stage 'evaluate'" in exp
+    for stage in ("synth", "prepare", "shard", "train", "fuse"):
         assert f"Running stage '{stage}'" not in exp, stage
     rows = list(csv.DictReader(io.StringIO(_run(project, "dvc", "exp", "show", "--csv", with_stderr=False))))
-    seed = next(k for k in rows[0] if k.endswith("train.seed"))
-    assert sorted({row[seed] for row in rows}) == ["0", "1"]  # the baseline and the experiment
+    samples = next(k for k in rows[0] if k.endswith("evaluate.report_samples"))
+    assert sorted({row[samples] for row in rows}) == ["1", "2"]  # the baseline and the experiment
+
+
+def _with(text: str, section: str, **values: object) -> str:
+    """params.yaml text with ``values`` set in ``section``."""
+    params = yaml.safe_load(text)
+    params[section].update(values)
+    return yaml.safe_dump(params, sort_keys=False)

@@ -64,11 +64,11 @@ def test_two_workers_train_and_log(shards: Path, tmp_path: Path) -> None:
     meta = read_meta(tmp_path / "models" / "model.safetensors")
     assert meta["step"] == 3 * meta["epoch"] and meta["mlflow_run_id"] == run.info.run_id
     # validation every epoch; the model is the best-scoring checkpoint, and says so
-    keys = ("EN", "Qabf", "SSIM", "corr_ir", "score", "map_mean", "map_high")
+    keys = ("EN", "Qabf", "SSIM", "corr_ir", "score", "map_mean", "map_high", "map_std")
     val = {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, f"val/{key}"),
                                          key=lambda m: m.step)] for key in keys}
     assert all(len(v) == 3 for v in val.values()) and 0 < val["EN"][0] < 8 and -1 <= val["corr_ir"][0] <= 1
-    assert 0 <= val["map_high"][0] <= 1 and 0 < val["map_mean"][0] < 1
+    assert 0 <= val["map_high"][0] <= 1 and 0 < val["map_mean"][0] < 1 and 0 <= val["map_std"][0] <= 0.5
     best = max(range(3), key=lambda k: (val["score"][k], k))
     assert meta["epoch"] == best + 1 and meta["val_score"] == pytest.approx(val["score"][best])
     assert meta["selection"].startswith(f"best val/score (composite) {val['score'][best]:.4f} at epoch {best + 1}")

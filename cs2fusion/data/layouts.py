@@ -44,8 +44,10 @@ LAYOUTS: dict[str, Layout] = {
     layout.name: layout
     for layout in (
         Layout("ir-vi", ((None, "ir", "vi"),), "ir/ + vi/ (this project's layout, TNO-style sets)"),
-        Layout("roadscene", ((None, "cropinfrared", "crop_LR_visible"),), "RoadScene: cropinfrared/ + crop_LR_visible/"),
-        Layout("msrs", (("train", "train/ir", "train/vi"), ("test", "test/ir", "test/vi")), "MSRS: {train,test}/{ir,vi}"),
+        Layout("roadscene", ((None, "cropinfrared", "crop_LR_visible"),),
+               "RoadScene: cropinfrared/ + crop_LR_visible/"),
+        Layout("msrs", (("train", "train/ir", "train/vi"), ("test", "test/ir", "test/vi")),
+               "MSRS: {train,test}/{ir,vi}"),
         Layout(
             "llvip",
             (("train", "infrared/train", "visible/train"), ("test", "infrared/test", "visible/test")),

@@ -53,7 +53,7 @@ def decode_png(data: bytes) -> np.ndarray:
 
 def patch_grid(height: int, width: int, patch: int, stride: int) -> list[tuple[int, int]]:
     """Top-left corners of every ``patch``×``patch`` window on a ``stride`` grid inside the image."""
-    return [(t, l) for t in range(0, height - patch + 1, stride) for l in range(0, width - patch + 1, stride)]
+    return [(top, left) for top in range(0, height - patch + 1, stride) for left in range(0, width - patch + 1, stride)]
 
 
 def _escape(part: str) -> str:
@@ -76,7 +76,7 @@ def train_samples(manifest: dict[str, Any], params: ShardParams) -> list[dict[st
             if params.max_patches_per_image and len(grid) > params.max_patches_per_image:
                 keep = rng.choice(len(grid), params.max_patches_per_image, replace=False)
                 grid = [grid[k] for k in sorted(keep)]
-            plan.extend((name.partition("/")[0], entry, t, l) for t, l in grid)
+            plan.extend((name.partition("/")[0], entry, top, left) for top, left in grid)
     if not plan:
         raise InputError(f"no training patches: images smaller than patch_size {params.patch_size}?")
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}

@@ -58,7 +58,8 @@ def synth_pair(rng: np.random.Generator, height: int, width: int) -> tuple[np.nd
     # Dark regions (night, shadow): the visible image loses detail there.
     dark = np.ones((h, w))
     for _ in range(rng.integers(1, 3)):
-        region = _ellipse(h, w, rng.uniform(0.4, 1) * h, rng.uniform(0, w), rng.uniform(0.2, 0.5) * h, rng.uniform(0.2, 0.4) * w)
+        region = _ellipse(h, w, rng.uniform(0.4, 1) * h, rng.uniform(0, w), rng.uniform(0.2, 0.5) * h,
+                          rng.uniform(0.2, 0.4) * w)
         dark = np.minimum(dark, np.where(region, rng.uniform(0.1, 0.25), 1.0))
     dark = _blur(dark, 3)
     # Warm targets (people, cars): bright in IR, low contrast in the visible, often in the dark.

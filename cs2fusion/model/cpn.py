@@ -8,6 +8,7 @@ The input order of its first conv follows the release's training script: [infrar
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -41,13 +42,17 @@ def minmax(x: torch.Tensor, scope: str) -> torch.Tensor:
     return (x - lo) / (hi - lo + 1e-10)
 
 
-def robust_minmax(x: torch.Tensor, scope: str) -> torch.Tensor:
-    """Min-max with the range taken as mean ± 2·std and the rest clamped: unlike :func:`minmax`, no handful of pixels
-    sets the range, so the map cannot drift to 1 almost everywhere (its mean stays near 0.5 whatever its shape)."""
+def robust_minmax(x: torch.Tensor, scope: str, spread: float = 2.0) -> torch.Tensor:
+    """Min-max with the range taken as mean ± ``spread``·std and the rest clamped: unlike :func:`minmax`, no handful
+    of pixels sets the range, so the map cannot drift to 1 almost everywhere (its mean stays near 0.5 whatever its
+    shape). A two-level input (std = half the gap) spans 0.5 ± 0.25 at spread 2 and 0–1 at spread 1."""
     dims = _reduce_dims(x, scope)
     mean = x.mean(dim=dims, keepdim=True)
     std = x.std(dim=dims, keepdim=True)
-    return ((x - mean) / (4 * std + 1e-10) + 0.5).clamp(0.0, 1.0)
+    return ((x - mean) / (2 * spread * std + 1e-10) + 0.5).clamp(0.0, 1.0)
+
+
+MAP_NORMS = {"minmax": minmax, "robust": robust_minmax, "robust_tight": functools.partial(robust_minmax, spread=1.0)}
 
 
 def saliency_operation(e: torch.Tensor, scope: str) -> torch.Tensor:
@@ -81,8 +86,7 @@ class CompensationPerceptionNetwork(nn.Module):
         vis = EncoderFeatures(*(t.detach() for t in vis))
         scope = self.params.norm_scope
         h = F.leaky_relu(self.conv(torch.cat([ir.stacked(), vis.stacked()], dim=1)), self.params.negative_slope)
-        normalise = robust_minmax if self.params.map_norm == "robust" else minmax
-        w_ir = normalise(self.estimator(h), scope)
+        w_ir = MAP_NORMS[self.params.map_norm](self.estimator(h), scope)
         w_vis = 1.0 - w_ir
         return CPNOutput(
             w_ir=w_ir,
