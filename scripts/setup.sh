@@ -8,9 +8,9 @@ TORCH_SPEC=${CS2FUSION_TORCH:-torch==2.13.0}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
+quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; return "${PIPESTATUS[0]}"; }
 # --no-compile: pip would byte-compile all ~22k files of the venv (tens of seconds on 2 cores); Python compiles the
 # modules it imports on first use instead
-quiet() { "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; return "${PIPESTATUS[0]}"; }
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   quiet .venv/bin/python -m pip install -q --no-compile "$TORCH_SPEC"
 fi

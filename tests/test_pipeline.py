@@ -87,8 +87,8 @@ def test_dvc_repro_end_to_end(project: Path) -> None:
     params.write_text(original)
     assert "train" in stale and not stale & {"synth", "prepare", "shard"}, sorted(stale)
 
-    # an experiment reruns the stage of the parameter it sets (one after training: a second training adds nothing
-    # here) and only what its outputs change
+    # an experiment reruns the stage of the parameter it sets and nothing before it (an evaluation parameter: a
+    # second training would repeat what the first repro tested, at most of this test's cost)
     exp = _run(project, "dvc", "exp", "run", "-S", "evaluate.report_samples=1")
     assert "Running stage 'evaluate'" in exp
     for stage in ("synth", "prepare", "shard", "train", "fuse"):
