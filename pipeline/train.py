@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from cs2fusion import storage
-from cs2fusion.checkpoint import load_checkpoint, save_checkpoint
+from cs2fusion.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from cs2fusion.color import luminance
 from cs2fusion.config import Params, TrainParams, build, to_dict
 from cs2fusion.data.shards import TrainShards, iter_eval, set_files, set_shards
@@ -52,10 +52,10 @@ def _init_nets(params: Params) -> tuple[Backbone, CompensationPerceptionNetwork]
     torch.manual_seed(params.train.seed)
     backbone, cpn = Backbone(params.model), CompensationPerceptionNetwork(params.model)
     if params.train.init_from:
-        ckpt = load_checkpoint(params.train.init_from, with_cpn=False)
+        ckpt = load_checkpoint(params.train.init_from, with_cpn=bool(read_meta(params.train.init_from).get("has_cpn")))
         backbone.load_state_dict(ckpt.backbone.state_dict())
-        if ckpt.meta.get("has_cpn"):
-            cpn.load_state_dict(load_checkpoint(params.train.init_from, with_cpn=True).cpn.state_dict())
+        if ckpt.cpn is not None:
+            cpn.load_state_dict(ckpt.cpn.state_dict())
     return backbone, cpn
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cs2fusion.checkpoint import load_checkpoint
 from cs2fusion.config import ModelParams
@@ -52,7 +51,7 @@ def map_profile(backbone: Backbone, cpn: CompensationPerceptionNetwork, order: s
     with torch.no_grad():
         slot1, slot2 = cpn_slots(backbone(vis_y=vis, ir=ir), order)
         out = cpn(ir=slot1, vis=slot2)
-        h = F.leaky_relu(cpn.conv(torch.cat([slot1.stacked(), slot2.stacked()], dim=1)), cpn.params.negative_slope)
+        h = (out.map_ir + out.map_vis).reshape(len(ir), -1, *ir.shape[2:])  # w_ir·h + (1 − w_ir)·h
         raw = cpn.estimator(h)
     w = out.w_ir
     w_ir = w if order == "roles" else 1 - w
