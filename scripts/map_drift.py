@@ -10,7 +10,11 @@ weights: 0.48 and 0.14 on the same crops).
 ``--validate`` adds, after the last epoch, the nine main metrics of the backbone on the 12 held-out pairs (whole
 images) and the composite selection score (:mod:`cs2fusion.validation`; pixel-mean fusion = 1, published 1.304).
 
+``--start CHECKPOINT`` starts every variant from a checkpoint's nets (e.g. a state of the full recipe) and
+``--lr-scale`` multiplies both learning rates (0.1: the schedule's rates after its first drop).
+
 Run: python scripts/map_drift.py --out /tmp/map_drift.jsonl [--variants NAME,…] [--epochs N] [--validate]
+[--start CKPT.safetensors] [--lr-scale S]
 (~1 min per epoch per variant on 2 cores, ~0.5 min more to validate)
 """
 
@@ -57,6 +61,8 @@ VARIANTS = {
     "robust map + mse + SSIM ×1e6": {"map_norm": "robust", "intensity": "mse", "ssim_weight": 1e6},
     # the map's range: mean ± 2 std (robust) holds a two-level map at 0.25–0.75, ± 1 std (robust_tight) lets it span 0–1
     "tight map + mse + SSIM ×1e4": {"map_norm": "robust_tight", "intensity": "mse", "ssim_weight": 1e4},
+    "tight map + mse + SSIM ×3e3": {"map_norm": "robust_tight", "intensity": "mse", "ssim_weight": 3e3},
+    "tight map + mse + SSIM ×3e4": {"map_norm": "robust_tight", "intensity": "mse", "ssim_weight": 3e4},
     # from the full recipe's epoch-6 state (phase 1 of presets/roadscene) at its learning rates then (×0.1)
     "phase 1 epoch 6, robust": {"map_norm": "robust", "intensity": "mse", "ssim_weight": 1e4, "start": PHASE1,
                                 "lr_backbone": 2e-4, "lr_cpn": 2e-5},
@@ -97,6 +103,8 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
     p.add_argument("--validate", action="store_true", help="score the last epoch's backbone on the held-out pairs")
     p.add_argument("--pictures", type=Path, default=None, help="with --validate: a grid of 3 validation pairs per run")
+    p.add_argument("--start", default=None, help="a checkpoint .safetensors every variant starts from")
+    p.add_argument("--lr-scale", type=float, default=1.0, help="multiplies both learning rates of every variant")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -106,7 +114,13 @@ def main() -> None:
     ir, vi = probe_crops(val_pairs)
     base = baseline_scores(val_pairs) if args.validate else {}
     for name in args.variants.split(","):
-        override = VARIANTS[name]
+        override = dict(VARIANTS[name])
+        if args.start:
+            override["start"] = args.start
+        if args.lr_scale != 1.0:
+            defaults = TrainParams()
+            override["lr_backbone"] = override.get("lr_backbone", defaults.lr_backbone) * args.lr_scale
+            override["lr_cpn"] = override.get("lr_cpn", defaults.lr_cpn) * args.lr_scale
         model = ModelParams(norm_scope="batch", map_norm=override.get("map_norm", "minmax"))
         train = TrainParams(**{"step_order": "roles", "fast_losses": True,
                                **{k: v for k, v in override.items() if k not in NET_KEYS}})
