@@ -41,6 +41,8 @@ from pipeline.progress import Board, Follower, Reporter
 
 log = logging.getLogger("pipeline.train")
 MODEL_FILE, STATE_FILE, RUN_ID_FILE = "model.safetensors", "train_state.pt", "mlflow_run_id"
+# each checkpoint carries every epoch's metrics so far: the curves survive a machine whose MLflow store lacks the run
+HISTORY_FILE = "history.jsonl"
 FINGERPRINT_FILE, CODE_FILE, SPILL_FILE = "fingerprint", "code_digest", "unlogged_metrics.jsonl"
 SCORE, GRID_ROWS = "val/score", 4
 # Knobs a resumed run may change: they do not alter what the finished model is (epochs extends a run).
@@ -82,6 +84,17 @@ def _validate(backbone: Backbone, cpn: CompensationPerceptionNetwork, pairs: lis
 
 def _val_pairs(files: list[str], count: int) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(ir, vi) for _, ir, vi in itertools.islice(iter_eval(files), count)]
+
+
+def read_history(folder: str | Path) -> list[dict[str, float]]:
+    """The per-epoch metrics a checkpoint folder carries (empty for checkpoints written before it did)."""
+    path = Path(folder) / HISTORY_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def write_history(folder: str | Path, rows: list[dict[str, float]]) -> None:
+    """Writes the per-epoch metrics into a checkpoint folder, one JSON object per epoch."""
+    (Path(folder) / HISTORY_FILE).write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
 
 
 def _broadcast(value: Any, world: int) -> Any:
@@ -142,6 +155,7 @@ def train_loop(config: dict[str, Any]) -> None:
     backbone.to(device)
     cpn.to(device)
     state = build_state(params.model, tp, backbone=backbone, cpn=cpn)
+    history: list[dict[str, float]] = []
     resumed = ray.train.get_checkpoint()
     if resumed:
         with resumed.as_directory() as folder:
@@ -149,6 +163,7 @@ def train_loop(config: dict[str, Any]) -> None:
             backbone.load_state_dict(ckpt.backbone.state_dict())
             cpn.load_state_dict(ckpt.cpn.state_dict())
             load_optim_state(state, torch.load(Path(folder) / STATE_FILE, weights_only=True))
+            history = read_history(folder)
         log.info("rank %d resumed at epoch %d, step %d", rank, state.epoch, state.step)
         if tracker:
             tracker.metrics({"resume/from_epoch": state.epoch, "resume/from_step": state.step}, step=state.step)
@@ -202,6 +217,7 @@ def train_loop(config: dict[str, Any]) -> None:
                         val, picture = _validate(backbone, cpn, val_pairs, val_baseline, tp)
                     val = _broadcast(val, world)
                     metrics.update(val)
+                history.append({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
                 checkpoint = None
                 if tracker and state.epoch > logged["epoch/loss/backbone"]:
                     tracker.metrics({k: v for k, v in metrics.items() if k != "step"}, step=state.epoch)
@@ -216,6 +232,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     save_checkpoint(Path(folder) / MODEL_FILE, backbone, cpn, epoch=state.epoch, step=state.step,
                                     **extra)
                     torch.save(optim_state(state), Path(folder) / STATE_FILE)
+                    write_history(folder, history)
                     checkpoint = ray.train.Checkpoint.from_directory(folder)
                 ray.train.report(metrics, checkpoint=checkpoint)
         finished = True
