@@ -86,6 +86,12 @@ def _val_pairs(files: list[str], count: int) -> list[tuple[np.ndarray, np.ndarra
     return [(ir, vi) for _, ir, vi in itertools.islice(iter_eval(files), count)]
 
 
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The folder of the latest checkpoint Ray registered for a run (from its checkpoint manager's snapshot)."""
+    snapshot = json.loads((Path(run_dir) / "checkpoint_manager_snapshot.json").read_text())
+    return Path(run_dir) / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+
+
 def read_history(folder: str | Path) -> list[dict[str, float]]:
     """The per-epoch metrics a checkpoint folder carries (empty for checkpoints written before it did)."""
     path = Path(folder) / HISTORY_FILE

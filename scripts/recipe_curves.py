@@ -12,7 +12,6 @@ Run: python scripts/recipe_curves.py presets/roadscene/state/roadscene presets/r
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.train import read_history  # noqa: E402
+from pipeline.train import latest_checkpoint, read_history  # noqa: E402
 
 log = logging.getLogger("recipe_curves")
 PANELS = (("epoch/loss/backbone", "backbone loss"), ("epoch/loss/cpn", "CPN loss"),
@@ -33,8 +32,7 @@ COLUMNS = ("epoch/loss/backbone", "epoch/loss/cpn", "val/corr_ir", "val/corr_vis
 def phase_rows(spec: str) -> tuple[str, list[dict[str, float]]]:
     """(name, rows with the recipe's epoch numbers) of ``FOLDER[:OFFSET]``: its latest checkpoint's history."""
     folder, _, offset = spec.partition(":")
-    latest = json.loads((Path(folder) / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
-    rows = read_history(Path(folder) / latest["checkpoint_dir_name"])
+    rows = read_history(latest_checkpoint(folder))
     if not rows:
         raise SystemExit(f"{folder}: its latest checkpoint carries no history.jsonl")
     return Path(folder).name, [{**row, "epoch": row["epoch"] + int(offset or 0)} for row in rows]

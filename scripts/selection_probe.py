@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cs2fusion.data.pairs import find_pairs
 from cs2fusion.io import read_grey
 
 
@@ -35,14 +36,15 @@ def main() -> None:
     p.add_argument("--gap", type=float, default=30.0)
     p.add_argument("--near", type=float, default=8.0)
     args = p.parse_args()
-    names = sorted(f.name for f in args.ir.iterdir() if f.suffix == ".png")
+    pairs = find_pairs(args.ir, args.vi)
     print("| fusion | " + " | ".join(("near brighter", "near darker", "between 20-80 %", "mean |F - max|")) + " |")
     print("|---|---|---|---|---|")
     for spec in args.fused:
         label, _, folder = spec.partition("=")
-        rows = [selection(read_grey(args.ir / n).astype(np.float64), read_grey(args.vi / n).astype(np.float64),
-                          read_grey(Path(folder) / n).astype(np.float64), gap=args.gap, near=args.near)
-                for n in names]
+        rows = [selection(*(read_grey(path).astype(np.float64) for path in (pair.ir, pair.vi,
+                                                                            Path(folder) / f"{pair.id}.png")),
+                          gap=args.gap, near=args.near)
+                for pair in pairs]
         means = {k: np.mean([r[k] for r in rows]) for k in rows[0]}
         print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in means.values()) + " |")
 

@@ -19,7 +19,7 @@ from cs2fusion.checkpoint import read_meta
 from cs2fusion.cli import app
 from cs2fusion.config import load_params
 from cs2fusion.io import InputError
-from pipeline.train import fit, read_history
+from pipeline.train import fit, latest_checkpoint, read_history
 from cs2fusion.io import read_image
 from tests.conftest import DATA, RayHead, free_port, start_mlflow_server
 from tests.tiny import env, prepare_and_shard, stage, write_params
@@ -187,9 +187,7 @@ def test_killed_stage_continues_under_dvc_repro(ray_head: RayHead, shards: Path,
     assert len(resumed) == 1 and resumed[0].value >= 2
     assert _steps(client, killed_run, "loss/backbone") == list(range(1, 16))  # each step once, none missing
     assert _steps(client, killed_run, "epoch/loss/backbone") == list(range(1, 6))
-    run_dir = tmp_path / "runs" / "train"
-    latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
-    history = read_history(run_dir / latest["checkpoint_dir_name"])  # carried across the kill, each epoch once
+    history = read_history(latest_checkpoint(tmp_path / "runs" / "train"))  # carried across the kill, each epoch once
     assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
     logged = {m.step: m.value for m in client.get_metric_history(killed_run, "epoch/loss/backbone")}
     assert [row["epoch/loss/backbone"] for row in history] == pytest.approx([logged[e] for e in range(1, 6)])
