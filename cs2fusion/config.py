@@ -156,8 +156,9 @@ class TrainParams:
     alpha: float = 0.25
     impaired_weight: float = 2.0
     # the backbone's intensity terms: "norm" the release's ‖w·(F − S)‖ over the batch (its minimum is a copy of the
-    # more weighted source); "mse": mean of (w·(F − S))², least at the per-pixel weighted mean (docs/training.md)
-    intensity: Literal["norm", "mse"] = "norm"
+    # more weighted source); "mse": mean of (w·(F − S))², least at the per-pixel weighted mean; "l1": mean of
+    # |w·(F − S)|, least at the per-pixel more weighted source (docs/training.md)
+    intensity: Literal["norm", "mse", "l1"] = "norm"
     # weight of the two SSIM terms beside the intensity terms (the release: 1, where they barely count)
     ssim_weight: float = 1.0
     # which source the CPN's map m (first slot) goes with: "roles" infrared, "literal" visible (docs/conventions.md)

@@ -79,8 +79,10 @@ def backbone_loss(
     fused, ir, vis_y: (N, 1, H, W) in [0, 1], compared on the 0–255 ``scale`` as the release does;
     w_ir, w_vis: compensation maps, used as constants (detached), so this loss never trains the CPN.
     ``intensity``: ``norm`` (the release's Frobenius norms over the batch: a sum of two unsquared distances, least
-    at whichever source weighs more overall, so the fusion tends to a copy of it) or ``mse`` (means of the squared
-    weighted differences: least at the per-pixel mean (w_ir²·ir + w_vis²·vis) / (w_ir² + w_vis²)).
+    at whichever source weighs more overall, so the fusion tends to a copy of it), ``mse`` (means of the squared
+    weighted differences: least at the per-pixel mean (w_ir²·ir + w_vis²·vis) / (w_ir² + w_vis²)) or ``l1`` (means
+    of the absolute weighted differences: unsquared like the release's but per pixel, so least at whichever source
+    weighs more at that pixel, a selection by the map).
     ``ssim_weight`` λ: 1 in the release, where the SSIM terms (≤ 1) are lost beside intensity terms of 10²–10⁴; the
     reported ``ssim_*`` terms are unweighted.
     """
@@ -88,7 +90,9 @@ def backbone_loss(
     w_ir, w_vis = w_ir.detach(), w_vis.detach()
 
     def distance(x: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.vector_norm(x) if intensity == "norm" else x.square().mean()
+        if intensity == "norm":
+            return torch.linalg.vector_norm(x)
+        return x.abs().mean() if intensity == "l1" else x.square().mean()
 
     terms = {
         "intensity_ir": distance((f - a) * w_ir),

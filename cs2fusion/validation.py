@@ -22,18 +22,34 @@ from cs2fusion.metrics import MAIN_METRICS, all_metrics, grey_like_reference
 COMPOSITE = "composite"
 COPY_CORR = 0.95  # mean correlation with one source at which the "fusion" is a copy of it (published: 0.48 / 0.65)
 SELECTABLE = (COMPOSITE, *MAIN_METRICS)
+SELECT_GAP, SELECT_NEAR = 30.0, 8.0  # grey levels: where the sources clearly differ; "at" a source
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
 
+def selection_stats(fused: np.ndarray, ir: np.ndarray, vi: np.ndarray, *, gap: float = SELECT_GAP,
+                    near: float = SELECT_NEAR) -> dict[str, float]:
+    """Does a fusion select a source per pixel or blend them? On the pixels where the grey sources differ by more
+    than ``gap`` grey levels: the shares within ``near`` of the brighter source and of the darker one, and strictly
+    between them (20–80 % of the way); plus the mean |F − max(IR, vis)| over the image (float grey arrays, one shape;
+    the published weights: ~0.95 near the brighter source, ~3 grey levels from the maximum)."""
+    hi, lo = np.maximum(ir, vi), np.minimum(ir, vi)
+    clear = (hi - lo) > gap
+    where = (fused - lo) / np.maximum(hi - lo, 1e-6)
+    return {"near_brighter": float((np.abs(fused - hi) < near)[clear].mean()),
+            "near_darker": float((np.abs(fused - lo) < near)[clear].mean()),
+            "between": float(((where > 0.2) & (where < 0.8))[clear].mean()),
+            "dist_max": float(np.abs(fused - hi).mean())}
+
+
 def image_scores(fused: np.ndarray, ir: np.ndarray, vi: np.ndarray) -> dict[str, float]:
     """Main metrics of one fused image (grey as the reference evaluator), plus its correlation with each source
-    (``corr_ir`` / ``corr_vis``: a fusion that copies one source shows here first)."""
+    (``corr_ir`` / ``corr_vis``: a fusion that copies one source shows here first) and :func:`selection_stats`."""
     f, a, b = (grey_like_reference(x) for x in (fused, ir, vi))
     scores = {k: v for k, v in all_metrics(f, a, b).items() if k in MAIN_METRICS}
-    return {**scores, "corr_ir": _corr(f, a), "corr_vis": _corr(f, b)}
+    return {**scores, "corr_ir": _corr(f, a), "corr_vis": _corr(f, b), **selection_stats(f, a, b)}
 
 
 def mean_scores(rows: Iterable[dict[str, float]]) -> dict[str, float]:

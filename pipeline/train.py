@@ -63,9 +63,9 @@ def _init_nets(params: Params) -> tuple[Backbone, CompensationPerceptionNetwork]
 
 def _validate(backbone: Backbone, cpn: CompensationPerceptionNetwork, pairs: list[tuple[np.ndarray, np.ndarray]],
               baseline: dict[str, float], tp: TrainParams) -> tuple[dict[str, float], np.ndarray]:
-    """``val/<metric>`` means (the nine main metrics, the source correlations, ``val/score``, the CPN map's
-    ``map_mean`` / ``map_high`` / ``map_std``) of the current nets on whole validation images, and a grid
-    (ir | visible | fused)."""
+    """``val/<metric>`` means (the nine main metrics, the source correlations, how far the output selects a source
+    per pixel (:func:`cs2fusion.validation.selection_stats`), ``val/score``, the CPN map's ``map_mean`` / ``map_high``
+    / ``map_std``) of the current nets on whole validation images, and a grid (ir | visible | fused)."""
     device = next(backbone.parameters()).device
     # direct convolutions: no kernel build inside a training worker, and the same path on every machine
     scores, fused = validate(Fuser(backbone, device=device, options=FuseOptions(winograd=False)), pairs)

@@ -24,7 +24,7 @@ log = logging.getLogger("loss_scales")
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shared", type=Path, default=REPO.parent / "shared")
-    p.add_argument("--intensity", choices=("mse", "norm"), default="mse")
+    p.add_argument("--intensity", choices=("mse", "norm", "l1"), default="mse")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     pairs = _pairs(args.shared / "data" / "roadscene", _ids(SPLITS / "train168.txt")[:40])

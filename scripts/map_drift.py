@@ -63,6 +63,12 @@ VARIANTS = {
     "tight map + mse + SSIM ×1e4": {"map_norm": "robust_tight", "intensity": "mse", "ssim_weight": 1e4},
     "tight map + mse + SSIM ×3e3": {"map_norm": "robust_tight", "intensity": "mse", "ssim_weight": 3e3},
     "tight map + mse + SSIM ×3e4": {"map_norm": "robust_tight", "intensity": "mse", "ssim_weight": 3e4},
+    # l1: unsquared per pixel, least at the more weighted source (a selection); its gradient is ~200× smaller than
+    # mse's beside the SSIM terms' (scripts/loss_scales.py), so λ 50 keeps about the preset's balance at the start
+    "tight map + l1 + SSIM ×15": {"map_norm": "robust_tight", "intensity": "l1", "ssim_weight": 15.0},
+    "tight map + l1 + SSIM ×50": {"map_norm": "robust_tight", "intensity": "l1", "ssim_weight": 50.0},
+    "tight map + l1 + SSIM ×150": {"map_norm": "robust_tight", "intensity": "l1", "ssim_weight": 150.0},
+    "tight map + l1 + SSIM ×500": {"map_norm": "robust_tight", "intensity": "l1", "ssim_weight": 500.0},
     # from the full recipe's epoch-6 state (phase 1 of presets/roadscene) at its learning rates then (×0.1)
     "phase 1 epoch 6, robust": {"map_norm": "robust", "intensity": "mse", "ssim_weight": 1e4, "start": PHASE1,
                                 "lr_backbone": 2e-4, "lr_cpn": 2e-5},

@@ -71,8 +71,9 @@ def batches(pairs: list[tuple[np.ndarray, np.ndarray]], *, epoch: int, patches: 
 
 def score_backbone(backbone: Backbone, val_pairs: list[tuple[np.ndarray, np.ndarray]], base: dict[str, float],
                    picture: Path | None = None) -> dict[str, float]:
-    """Composite selection score and the nine main metrics of ``backbone`` on whole validation pairs; with
-    ``picture``, a grid (IR | visible | fused) of the first three pairs written there."""
+    """Composite selection score and the nine main metrics of ``backbone`` on whole validation pairs, with how far it
+    selects a source per pixel (:func:`cs2fusion.validation.selection_stats`); with ``picture``, a grid (IR | visible
+    | fused) of the first three pairs written there."""
     scores, fused = validate(Fuser(backbone, options=FuseOptions(winograd=False)), val_pairs)
     if picture:
         write_png(picture, grid([[ir, vi, f] for f, (ir, vi) in zip(fused[:3], val_pairs)]))

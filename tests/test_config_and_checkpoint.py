@@ -24,9 +24,10 @@ def test_shipped_params_load(path: str) -> None:
     assert params.model.input_scale == 255 and Path(REPO / params.train.init_from).is_file()
     if path == "params.yaml":  # the demo fine-tunes the shipped model gently (README, quick start)
         assert (params.train.lr_backbone, params.train.lr_cpn) == (2e-5, 2e-4)
-    else:  # phase 2 of the paper's recipe: its epochs 7-20 (lr ×0.1, drops at 10 and 15) from phase 1's epoch 6
+    else:  # phase 3 of the recipe: the paper's epochs 13-20 at most (the drop at 15) with l1 terms, from phase 2's nets
         train = params.train
-        assert (train.lr_backbone, train.lr_cpn, train.epochs, train.milestones) == (2e-4, 2e-5, 14, (4, 9))
+        assert (train.intensity, train.lr_backbone, train.lr_cpn, train.milestones) == ("l1", 2e-4, 2e-5, (3,))
+        assert 12 + train.epochs <= 20 and train.init_from.endswith("phase2-epoch12.safetensors")
 
 
 def test_params_reject_unknown_keys_and_wrong_types(tmp_path: Path) -> None:

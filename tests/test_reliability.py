@@ -33,7 +33,7 @@ from cs2fusion.io import OUTPUT_MARKER, InputError, read_image
 from cs2fusion.metrics import MAIN_METRICS, psnr
 from cs2fusion.model import Backbone
 from cs2fusion.pretrained import DEFAULT_MODEL
-from tests.conftest import REPO, free_port, synth_pairs
+from tests.conftest import DATA, REPO, free_port, synth_pairs
 from tests.tiny import env
 
 DEMO = {"prepare": {"datasets": [{"name": "demo", "root": "data/demo", "ratio": {"train": 0.5, "test": 0.5}}]},
@@ -523,6 +523,26 @@ def test_composite_score_is_the_mean_ratio_to_the_pixel_mean_fusion_and_copies_s
     # a copy of the infrared image (the full recipe's epoch 2 with norm_scope batch: 0.993 / -0.018) is no fusion
     assert selection_score({**doubled, "corr_ir": 0.993, "corr_vis": -0.018}, baseline, "composite") == 0.0
     assert set(SELECTABLE) == set(get_args(get_type_hints(TrainParams)["select"]))
+
+
+@pytest.mark.data
+def test_selection_stats_tell_a_selection_from_a_blend() -> None:
+    """On real pairs: the pixel maximum is all "near the brighter source", the pixel mean all "between"; the paper's
+    own outputs select (the gap issue 17 measured: ~0.95 near the brighter source, ~3 grey levels from the max)."""
+    from cs2fusion.metrics import grey_like_reference
+    from cs2fusion.validation import mean_scores, selection_stats
+
+    root = DATA / "cs2fusion_roadscene40"
+    rows = {"max": [], "mean": [], "published": []}
+    for name in ("1.png", "10.png", "20.png"):
+        ir, vi, pub = (grey_like_reference(read_image(root / d / name)) for d in ("ir", "vi", "fused_published"))
+        rows["max"].append(selection_stats(np.maximum(ir, vi), ir, vi))
+        rows["mean"].append(selection_stats((ir + vi) / 2, ir, vi))
+        rows["published"].append(selection_stats(pub, ir, vi))
+    top, mid, pub = (mean_scores(rows[k]) for k in ("max", "mean", "published"))
+    assert (top["near_brighter"], top["near_darker"], top["between"], top["dist_max"]) == (1.0, 0.0, 0.0, 0.0)
+    assert (mid["near_brighter"], mid["between"]) == (0.0, 1.0) and mid["dist_max"] > 5
+    assert pub["near_brighter"] > 0.85 and pub["between"] < 0.1 and pub["dist_max"] < 5
 
 
 def test_unsent_metrics_are_spilled_not_lost(tmp_path: Path) -> None:
