@@ -29,7 +29,9 @@ def model_card(params: Params, meta: dict, evaluation: dict) -> str:
         "visible image's Cb/Cr (BT.601 full range).",
         "",
         f"- training data: shard index sha256 `{meta.get('shards_sha256')}` (sets {', '.join(params.shard.train)})",
-        f"- trained: {meta.get('epoch')} epochs, {meta.get('step')} steps; MLflow run `{meta.get('mlflow_run_id')}`",
+        f"- trained: {meta.get('epoch')} epochs, {meta.get('step')} steps"
+        + (f" from the nets of `{params.train.init_from}`" if params.train.init_from else "")
+        + f" ({meta.get('selection')}); MLflow run `{meta.get('mlflow_run_id')}`",
         f"- code: git commit `{meta.get('git_commit')}`",
         f"- params: `{json.dumps(train, sort_keys=True)}`",
         "",
