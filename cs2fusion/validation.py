@@ -33,15 +33,16 @@ def selection_stats(fused: np.ndarray, ir: np.ndarray, vi: np.ndarray, *, gap: f
                     near: float = SELECT_NEAR) -> dict[str, float]:
     """Does a fusion select a source per pixel or blend them? On the pixels where the grey sources differ by more
     than ``gap`` grey levels: the shares within ``near`` of the brighter source and of the darker one, and strictly
-    between them (20–80 % of the way); plus the mean |F − max(IR, vis)| over the image (float grey arrays, one shape;
-    the published weights: ~0.95 near the brighter source, ~3 grey levels from the maximum)."""
+    between them (20–80 % of the way), NaN where no pixel differs that much; plus the mean |F − max(IR, vis)| over
+    the image (float grey arrays, one shape; the published weights: ~0.95 near the brighter source, ~3 grey levels
+    from the maximum)."""
     hi, lo = np.maximum(ir, vi), np.minimum(ir, vi)
     clear = (hi - lo) > gap
     where = (fused - lo) / np.maximum(hi - lo, 1e-6)
-    return {"near_brighter": float((np.abs(fused - hi) < near)[clear].mean()),
-            "near_darker": float((np.abs(fused - lo) < near)[clear].mean()),
-            "between": float(((where > 0.2) & (where < 0.8))[clear].mean()),
-            "dist_max": float(np.abs(fused - hi).mean())}
+    masks = {"near_brighter": np.abs(fused - hi) < near, "near_darker": np.abs(fused - lo) < near,
+             "between": (where > 0.2) & (where < 0.8)}
+    shares = {k: float(m[clear].mean()) if clear.any() else float("nan") for k, m in masks.items()}
+    return {**shares, "dist_max": float(np.abs(fused - hi).mean())}
 
 
 def image_scores(fused: np.ndarray, ir: np.ndarray, vi: np.ndarray) -> dict[str, float]:

@@ -543,6 +543,8 @@ def test_selection_stats_tell_a_selection_from_a_blend() -> None:
     assert (top["near_brighter"], top["near_darker"], top["between"], top["dist_max"]) == (1.0, 0.0, 0.0, 0.0)
     assert (mid["near_brighter"], mid["between"]) == (0.0, 1.0) and mid["dist_max"] > 5
     assert pub["near_brighter"] > 0.85 and pub["between"] < 0.1 and pub["dist_max"] < 5
+    same = selection_stats(ir, ir, ir)  # nothing to select between: undefined shares, not a score
+    assert np.isnan(same["near_brighter"]) and np.isnan(same["between"]) and same["dist_max"] == 0.0
 
 
 def test_unsent_metrics_are_spilled_not_lost(tmp_path: Path) -> None:
