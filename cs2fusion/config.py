@@ -38,8 +38,9 @@ class ModelParams:
     norm_scope: Literal["sample", "batch"] = "sample"
     # the CPN's map: "minmax" (the release's: its extremes set the range, so the contrastive losses can push almost
     # every pixel to 1), "robust" (range mean ± 2 std, clamped: the map's mean stays near 0.5, but a two-level map
-    # only spans 0.25–0.75) or "robust_tight" (mean ± 1 std: a two-level map spans 0–1; docs/training.md)
-    map_norm: Literal["minmax", "robust", "robust_tight"] = "minmax"
+    # only spans 0.25–0.75), "robust_tight" (mean ± 1 std: a two-level map spans 0–1; docs/training.md) or
+    # "robust_sharp" (mean ± 0.5 std: most pixels end at 0 or 1, a hard selection under l1 intensity terms)
+    map_norm: Literal["minmax", "robust", "robust_tight", "robust_sharp"] = "minmax"
 
     def __post_init__(self) -> None:
         _require({"channels (>= 1)": self.channels >= 1, "input_scale (> 0)": self.input_scale > 0,

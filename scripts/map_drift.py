@@ -69,6 +69,8 @@ VARIANTS = {
     "tight map + l1 + SSIM ×50": {"map_norm": "robust_tight", "intensity": "l1", "ssim_weight": 50.0},
     "tight map + l1 + SSIM ×150": {"map_norm": "robust_tight", "intensity": "l1", "ssim_weight": 150.0},
     "tight map + l1 + SSIM ×500": {"map_norm": "robust_tight", "intensity": "l1", "ssim_weight": 500.0},
+    # under l1 the pull towards one source grows with |2m − 1|: a map clamped at mean ± 0.5 std selects harder
+    "sharp map + l1 + SSIM ×150": {"map_norm": "robust_sharp", "intensity": "l1", "ssim_weight": 150.0},
     # from the full recipe's epoch-6 state (phase 1 of presets/roadscene) at its learning rates then (×0.1)
     "phase 1 epoch 6, robust": {"map_norm": "robust", "intensity": "mse", "ssim_weight": 1e4, "start": PHASE1,
                                 "lr_backbone": 2e-4, "lr_cpn": 2e-5},

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from cs2fusion.config import ModelParams
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
-from cs2fusion.model.cpn import minmax, robust_minmax
+from cs2fusion.model.cpn import MAP_NORMS, minmax, robust_minmax
 
 
 def test_parameter_counts_match_release() -> None:
@@ -96,6 +96,19 @@ def test_robust_map_of_a_two_level_input(spread: float, top: float) -> None:
     shrink = (63 / 64) ** 0.5
     assert float(w[..., :4].mean()) == pytest.approx(0.5 + (top - 0.5) * shrink, abs=1e-6)
     assert float(w[..., 4:].mean()) == pytest.approx(0.5 - (top - 0.5) * shrink, abs=1e-6)
+
+
+def test_sharp_robust_map_saturates_most_pixels() -> None:
+    """Mean ± 0.5 std (``robust_sharp``): a two-level map becomes exactly 0 and 1, and on a Gaussian map the pixels
+    beyond ± 0.5 std (~62 %) are clamped to 0 or 1, where ± 1 std clamps ~32 %."""
+    x = torch.zeros(1, 1, 8, 8)
+    x[..., :4] = 3.0
+    w = MAP_NORMS["robust_sharp"](x, "sample")
+    assert bool((w[..., :4] == 1.0).all()) and bool((w[..., 4:] == 0.0).all())
+    g = torch.randn(1, 1, 256, 256, generator=torch.Generator().manual_seed(0))
+    for name, share in (("robust_sharp", 0.62), ("robust_tight", 0.32)):
+        m = MAP_NORMS[name](g, "batch")
+        assert float(((m == 0) | (m == 1)).float().mean()) == pytest.approx(share, abs=0.01)
 
 
 def test_cpn_map_norm_choice() -> None:

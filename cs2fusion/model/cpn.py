@@ -52,7 +52,8 @@ def robust_minmax(x: torch.Tensor, scope: str, spread: float = 2.0) -> torch.Ten
     return ((x - mean) / (2 * spread * std + 1e-10) + 0.5).clamp(0.0, 1.0)
 
 
-MAP_NORMS = {"minmax": minmax, "robust": robust_minmax, "robust_tight": functools.partial(robust_minmax, spread=1.0)}
+MAP_NORMS = {"minmax": minmax, "robust": robust_minmax, "robust_tight": functools.partial(robust_minmax, spread=1.0),
+             "robust_sharp": functools.partial(robust_minmax, spread=0.5)}
 
 
 def saliency_operation(e: torch.Tensor, scope: str) -> torch.Tensor:
