@@ -162,6 +162,8 @@ class TrainParams:
     intensity: Literal["norm", "mse", "l1"] = "norm"
     # weight of the two SSIM terms beside the intensity terms (the release: 1, where they barely count)
     ssim_weight: float = 1.0
+    # weight μ of a max-intensity term d(F − max(ir, vis)) (not the paper's; 0: off; docs/training.md, phase 3)
+    max_weight: float = 0.0
     # which source the CPN's map m (first slot) goes with: "roles" infrared, "literal" visible (docs/conventions.md)
     step_order: Literal["roles", "literal"] = "roles"
     # fast path: bf16 forward under autocast where the hardware has bf16 (fp32 otherwise, logged); Gram similarities

@@ -73,6 +73,7 @@ def backbone_loss(
     scale: float,
     intensity: str = "norm",
     ssim_weight: float = 1.0,
+    max_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """‖F·w_ir − ir·w_ir‖ + ‖F·w_vis − vis·w_vis‖ + λ·(SSIMloss(F, ir) + SSIMloss(F, vis)), with its terms.
 
@@ -85,6 +86,8 @@ def backbone_loss(
     weighs more at that pixel, a selection by the map).
     ``ssim_weight`` λ: 1 in the release, where the SSIM terms (≤ 1) are lost beside intensity terms of 10²–10⁴; the
     reported ``ssim_*`` terms are unweighted.
+    ``max_weight`` μ > 0 adds μ·d(F − max(ir, vis)) (same distance as ``intensity``, unweighted by the maps; not the
+    paper's): the field's max-intensity prior, a pull toward the brighter source where the map is undecided.
     """
     f, a, b = fused * scale, ir * scale, vis_y * scale
     w_ir, w_vis = w_ir.detach(), w_vis.detach()
@@ -101,4 +104,7 @@ def backbone_loss(
         "ssim_vis": ssim_loss(f, b, window_size=3, max_val=1.0),
     }
     total = terms["intensity_ir"] + terms["intensity_vis"] + ssim_weight * (terms["ssim_ir"] + terms["ssim_vis"])
+    if max_weight > 0:
+        terms["intensity_max"] = distance(f - torch.maximum(a, b))
+        total = total + max_weight * terms["intensity_max"]
     return {"backbone": total, **terms}

@@ -48,6 +48,9 @@ SCORE, GRID_ROWS = "val/score", 4
 # Knobs a resumed run may change: they do not alter what the finished model is (epochs extends a run).
 RESUMABLE_KNOBS = ("resume", "epochs", "max_failures", "collective_timeout_s", "log_every", "tracking_patience_s",
                    "val_samples", "worker_resources")
+# knobs added after runs began, at the value that leaves the step as it was: left out of the fingerprint there, so a
+# run started before them still resumes
+NEUTRAL_KNOBS = {"max_weight": 0.0}
 
 
 def _init_nets(params: Params) -> tuple[Backbone, CompensationPerceptionNetwork]:
@@ -294,7 +297,8 @@ def code_digest() -> str:
 def fingerprint(params: Params, shards_sha256: str) -> str:
     """What makes two runs the same run: the model, impair and train params (less the knobs a resumed run may
     change) and the training shards. The training code is compared separately (:func:`plan_run`)."""
-    train = {k: v for k, v in to_dict(params.train).items() if k not in RESUMABLE_KNOBS}
+    train = {k: v for k, v in to_dict(params.train).items()
+             if k not in RESUMABLE_KNOBS and not (k in NEUTRAL_KNOBS and v == NEUTRAL_KNOBS[k])}
     what = {"model": to_dict(params.model), "impair": to_dict(params.impair), "train": train, "shards": shards_sha256}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 

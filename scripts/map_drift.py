@@ -14,7 +14,7 @@ images) and the composite selection score (:mod:`cs2fusion.validation`; pixel-me
 ``--lr-scale`` multiplies both learning rates (0.1: the schedule's rates after its first drop).
 
 Run: python scripts/map_drift.py --out /tmp/map_drift.jsonl [--variants NAME,…] [--epochs N] [--validate]
-[--start CKPT.safetensors] [--lr-scale S]
+[--start CKPT.safetensors] [--lr-scale S] [--save DIR]
 (~1 min per epoch per variant on 2 cores, ~0.5 min more to validate)
 """
 
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cs2fusion.checkpoint import save_checkpoint
 from cs2fusion.color import luminance
 from cs2fusion.config import ImpairParams, ModelParams, TrainParams
 from cs2fusion.training import build_state, map_stats, train_step
@@ -71,6 +72,13 @@ VARIANTS = {
     "tight map + l1 + SSIM ×500": {"map_norm": "robust_tight", "intensity": "l1", "ssim_weight": 500.0},
     # under l1 the pull towards one source grows with |2m − 1|: a map clamped at mean ± 0.5 std selects harder
     "sharp map + l1 + SSIM ×150": {"map_norm": "robust_sharp", "intensity": "l1", "ssim_weight": 150.0},
+    # the field's max-intensity prior beside the map's terms (not the paper's): a pull toward the brighter source
+    "tight map + l1 + SSIM ×150 + max ×0.5": {"map_norm": "robust_tight", "intensity": "l1", "ssim_weight": 150.0,
+                                             "max_weight": 0.5},
+    "tight map + l1 + SSIM ×150 + max ×1": {"map_norm": "robust_tight", "intensity": "l1", "ssim_weight": 150.0,
+                                           "max_weight": 1.0},
+    "sharp map + l1 + SSIM ×150 + max ×0.5": {"map_norm": "robust_sharp", "intensity": "l1", "ssim_weight": 150.0,
+                                             "max_weight": 0.5},
     # from the full recipe's epoch-6 state (phase 1 of presets/roadscene) at its learning rates then (×0.1)
     "phase 1 epoch 6, robust": {"map_norm": "robust", "intensity": "mse", "ssim_weight": 1e4, "start": PHASE1,
                                 "lr_backbone": 2e-4, "lr_cpn": 2e-5},
@@ -101,6 +109,10 @@ def probe(state, train: TrainParams, ir: torch.Tensor, vi: torch.Tensor) -> dict
     return {**{k: round(v, 3) for k, v in stats.items()}, "corr_ir": corr(ir), "corr_vis": corr(vi)}
 
 
+def _slug(name: str) -> str:
+    return name.replace(" ", "_").replace(";", "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shared", type=Path, default=REPO.parent / "shared")
@@ -113,6 +125,7 @@ def main() -> None:
     p.add_argument("--pictures", type=Path, default=None, help="with --validate: a grid of 3 validation pairs per run")
     p.add_argument("--start", default=None, help="a checkpoint .safetensors every variant starts from")
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiplies both learning rates of every variant")
+    p.add_argument("--save", type=Path, default=None, help="folder for each run's last nets (<variant>.safetensors)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -143,9 +156,12 @@ def main() -> None:
             log.info("%s: %s", name, trace[-1])
         record = {"variant": name, "override": override, "wall_s": round(time.perf_counter() - t0), "trace": trace}
         if args.validate:
-            picture = args.pictures / f"{name.replace(' ', '_').replace(';', '')}.png" if args.pictures else None
+            picture = args.pictures / f"{_slug(name)}.png" if args.pictures else None
             record["validation"] = score_backbone(state.backbone, val_pairs, base, picture)
             log.info("%s validation: %s", name, {k: round(v, 3) for k, v in record["validation"].items()})
+        if args.save:
+            record["saved"] = str(args.save / f"{_slug(name)}.safetensors")
+            save_checkpoint(record["saved"], state.backbone, state.cpn, source=f"map_drift: {name}", step=state.step)
         with args.out.open("a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -1,6 +1,8 @@
 """Does a fusion select a source per pixel or blend them? Measured on fused outputs where the sources differ clearly
 (|IR − visible| > ``--gap`` grey levels): the share of pixels within ``--near`` grey levels of the brighter source,
 of the darker one, and strictly between them (20–80 % of the way), plus the mean |F − max(IR, vis)| over the image.
+The darker share is split by which source is the darker one there: ``darker IR`` (e.g. a dark infrared road marking
+taken over the white visible one) and ``darker vis`` (e.g. a dark visible background over a warm infrared target).
 
 Run: python scripts/selection_probe.py --ir ../shared/data/tno40/ir --vi ../shared/data/tno40/vi
 --fused ours=/tmp/ours/tno40 --fused published=/tmp/published/tno40
@@ -22,6 +24,16 @@ def _grey(path: Path) -> np.ndarray:
     return read_grey(path).astype(np.float64)
 
 
+def darker_split(fused: np.ndarray, ir: np.ndarray, vi: np.ndarray, *, gap: float, near: float) -> dict[str, float]:
+    """Shares of the clearly differing pixels where the fusion is near the darker source, by which source that is."""
+    clear = np.abs(ir - vi) > gap
+    near_dark = np.abs(fused - np.minimum(ir, vi)) < near
+    if not clear.any():
+        return {"darker_ir": float("nan"), "darker_vis": float("nan")}
+    return {"darker_ir": float((near_dark & (ir < vi))[clear].mean()),
+            "darker_vis": float((near_dark & (vi < ir))[clear].mean())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ir", type=Path, required=True)
@@ -31,12 +43,17 @@ def main() -> None:
     p.add_argument("--near", type=float, default=SELECT_NEAR)
     args = p.parse_args()
     pairs = find_pairs(args.ir, args.vi)
-    print("| fusion | " + " | ".join(("near brighter", "near darker", "20-80 % between", "mean |F - max|")) + " |")
-    print("|---|---|---|---|---|")
+    columns = ("near brighter", "near darker", "20-80 % between", "mean |F - max|", "darker IR", "darker vis")
+    print("| fusion | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     for spec in args.fused:
         label, _, folder = spec.partition("=")
-        means = mean_scores(selection_stats(_grey(Path(folder) / f"{pair.id}.png"), _grey(pair.ir), _grey(pair.vi),
-                                            gap=args.gap, near=args.near) for pair in pairs)
+        rows = []
+        for pair in pairs:
+            fused, ir, vi = _grey(Path(folder) / f"{pair.id}.png"), _grey(pair.ir), _grey(pair.vi)
+            rows.append({**selection_stats(fused, ir, vi, gap=args.gap, near=args.near),
+                         **darker_split(fused, ir, vi, gap=args.gap, near=args.near)})
+        means = mean_scores(rows)
         print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in means.values()) + " |")
 
 

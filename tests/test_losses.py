@@ -131,6 +131,31 @@ def test_l1_intensity_selects_the_more_weighted_source_per_pixel() -> None:
     assert float((fused.detach() - want).abs().max()) < 0.01
 
 
+def test_max_term_takes_the_brighter_source_where_the_map_is_undecided() -> None:
+    """With the map at 0.5 everywhere the ``l1`` terms are flat between the sources; the max-intensity term (μ 0.5)
+    moves free fused pixels to the brighter source; at μ 0 the term is absent, and μ adds μ times it to the total."""
+    gen = torch.Generator().manual_seed(3)
+    ir, vis = torch.rand(2, 1, 16, 16, generator=gen), torch.rand(2, 1, 16, 16, generator=gen)
+    half = torch.full_like(ir, 0.5)
+    fused = ((ir + vis) / 2).requires_grad_()
+    opt = torch.optim.Adam([fused], lr=1e-2)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [200, 400], gamma=0.1)
+    for _ in range(600):
+        lb = backbone_loss(fused, ir=ir, vis_y=vis, w_ir=half, w_vis=half, scale=255.0, intensity="l1",
+                           max_weight=0.5)
+        opt.zero_grad()
+        (lb["intensity_ir"] + lb["intensity_vis"] + 0.5 * lb["intensity_max"]).backward()
+        opt.step()
+        sched.step()
+    assert float((fused.detach() - torch.maximum(ir, vis)).abs().max()) < 0.01
+    f, a, b, w = ((ir + vis) / 2).double(), ir.double(), vis.double(), half.double()
+    off, on = (backbone_loss(f, ir=a, vis_y=b, w_ir=w, w_vis=w, scale=255.0, intensity="l1", max_weight=mu)
+               for mu in (0.0, 2.0))
+    assert on["intensity_max"].item() > 10
+    assert "intensity_max" not in off
+    assert (on["backbone"] - off["backbone"]).item() == pytest.approx(2.0 * on["intensity_max"].item(), rel=1e-5)
+
+
 def test_ssim_weight_scales_only_the_ssim_terms() -> None:
     """λ multiplies the two SSIM terms in the total; the reported terms stay unweighted."""
     gen = torch.Generator().manual_seed(2)

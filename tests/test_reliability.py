@@ -469,6 +469,20 @@ def test_previous_runs_are_resumed_or_moved_aside(where: str, tmp_path: Path, re
     assert storage.read_text(storage.join(aside, "checkpoint_000", "model.safetensors")) == "weights"
 
 
+def test_a_knob_added_at_its_neutral_value_keeps_a_runs_fingerprint() -> None:
+    """The preset's fingerprint as it was before ``train.max_weight`` existed (so its committed run still resumes
+    under ``resume: must``); a non-neutral value is another run."""
+    import dataclasses
+
+    from pipeline.train import fingerprint
+
+    params = load_params(REPO / "presets" / "roadscene" / "params.yaml")
+    before = "037c4b36f3d7d1f593e68b0e30248847d96af8e82a53f6e1363944c2911dc722"
+    assert fingerprint(params, "0" * 64) == before
+    with_max = dataclasses.replace(params, train=dataclasses.replace(params.train, max_weight=0.5))
+    assert fingerprint(with_max, "0" * 64) != before
+
+
 def test_a_run_resumed_where_its_mlflow_run_is_unknown_continues_in_a_linked_run(tmp_path: Path) -> None:
     """A run's state carried to another machine (e.g. committed under a preset) names an MLflow run that store lacks:
     the stage opens a new run tagged ``continues_run`` and stores its id beside the checkpoints."""
