@@ -14,7 +14,7 @@ images) and the composite selection score (:mod:`cs2fusion.validation`; pixel-me
 ``--lr-scale`` multiplies both learning rates (0.1: the schedule's rates after its first drop).
 
 Run: python scripts/map_drift.py --out /tmp/map_drift.jsonl [--variants NAME,…] [--epochs N] [--validate]
-[--start CKPT.safetensors] [--lr-scale S] [--save DIR]
+[--start CKPT.safetensors] [--lr-scale S] [--save DIR] [--seed N]
 (~1 min per epoch per variant on 2 cores, ~0.5 min more to validate)
 """
 
@@ -126,6 +126,7 @@ def main() -> None:
     p.add_argument("--start", default=None, help="a checkpoint .safetensors every variant starts from")
     p.add_argument("--lr-scale", type=float, default=1.0, help="multiplies both learning rates of every variant")
     p.add_argument("--save", type=Path, default=None, help="folder for each run's last nets (<variant>.safetensors)")
+    p.add_argument("--seed", type=int, default=None, help="overrides train.seed (batch order, crops, cut-outs)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -138,6 +139,8 @@ def main() -> None:
         override = dict(VARIANTS[name])
         if args.start:
             override["start"] = args.start
+        if args.seed is not None:
+            override["seed"] = args.seed
         if args.lr_scale != 1.0:
             defaults = TrainParams()
             override["lr_backbone"] = override.get("lr_backbone", defaults.lr_backbone) * args.lr_scale
