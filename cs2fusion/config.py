@@ -164,6 +164,8 @@ class TrainParams:
     ssim_weight: float = 1.0
     # weight μ of a max-intensity term d(F − max(ir, vis)) (not the paper's; 0: off; docs/training.md, phase 3)
     max_weight: float = 0.0
+    # weight γ of a max-gradient term |∇F| vs max(|∇ir|, |∇vis|) (not the paper's; 0: off; docs/training.md, phase 5)
+    grad_weight: float = 0.0
     # which source the CPN's map m (first slot) goes with: "roles" infrared, "literal" visible (docs/conventions.md)
     step_order: Literal["roles", "literal"] = "roles"
     # fast path: bf16 forward under autocast where the hardware has bf16 (fp32 otherwise, logged); Gram similarities
@@ -201,7 +203,9 @@ class TrainParams:
             "epochs (>= 1)": self.epochs >= 1, "batch_size (>= 1)": self.batch_size >= 1,
             "lr_backbone (> 0)": self.lr_backbone > 0, "lr_cpn (> 0)": self.lr_cpn > 0,
             "betas (two values in [0, 1))": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            "gamma (> 0)": self.gamma > 0, "max_steps_per_epoch (>= 0)": self.max_steps_per_epoch >= 0,
+            "gamma (> 0)": self.gamma > 0, "ssim_weight (>= 0)": self.ssim_weight >= 0,
+            "max_weight (>= 0)": self.max_weight >= 0, "grad_weight (>= 0)": self.grad_weight >= 0,
+            "max_steps_per_epoch (>= 0)": self.max_steps_per_epoch >= 0,
             "shuffle_buffer (>= 1)": self.shuffle_buffer >= 1, "loader_workers (>= 0)": self.loader_workers >= 0,
             "num_workers (>= 1)": self.num_workers >= 1, "cpus_per_worker (> 0)": self.cpus_per_worker > 0,
             "threads_per_worker (>= 1)": self.threads_per_worker >= 1, "max_failures (>= -1)": self.max_failures >= -1,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from kornia.filters import spatial_gradient
 from kornia.losses import ssim_loss
 
 from cs2fusion.model.cpn import CPNOutput
@@ -63,6 +64,11 @@ def contrastive_loss(
     return {"cpn": c1 + impaired_weight * c2, "contrast_1": c1, "contrast_2": c2}
 
 
+def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """|∂x/∂u| + |∂x/∂v| with unnormalised 3×3 Sobel kernels and replicated borders, the field's texture measure."""
+    return spatial_gradient(x, mode="sobel", normalized=False).abs().sum(dim=2)
+
+
 def backbone_loss(
     fused: torch.Tensor,
     *,
@@ -74,6 +80,7 @@ def backbone_loss(
     intensity: str = "norm",
     ssim_weight: float = 1.0,
     max_weight: float = 0.0,
+    grad_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """‖F·w_ir − ir·w_ir‖ + ‖F·w_vis − vis·w_vis‖ + λ·(SSIMloss(F, ir) + SSIMloss(F, vis)), with its terms.
 
@@ -88,6 +95,8 @@ def backbone_loss(
     reported ``ssim_*`` terms are unweighted.
     ``max_weight`` μ > 0 adds μ·d(F − max(ir, vis)) (same distance as ``intensity``, unweighted by the maps; not the
     paper's): the field's max-intensity prior, a pull toward the brighter source where the map is undecided.
+    ``grad_weight`` γ > 0 adds γ·mean‖∇F| − max(|∇ir|, |∇vis|)| (:func:`sobel_magnitude`; not the paper's): the
+    field's max-gradient texture term (SeAFusion, CDDFuse), which keeps the stronger edge of either source.
     """
     f, a, b = fused * scale, ir * scale, vis_y * scale
     w_ir, w_vis = w_ir.detach(), w_vis.detach()
@@ -107,4 +116,8 @@ def backbone_loss(
     if max_weight > 0:
         terms["intensity_max"] = distance(f - torch.maximum(a, b))
         total = total + max_weight * terms["intensity_max"]
+    if grad_weight > 0:
+        target = torch.maximum(sobel_magnitude(a), sobel_magnitude(b))
+        terms["gradient_max"] = (sobel_magnitude(f) - target).abs().mean()
+        total = total + grad_weight * terms["gradient_max"]
     return {"backbone": total, **terms}

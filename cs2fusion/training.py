@@ -152,7 +152,8 @@ def train_step(state: TrainState, batch: Batch, train: TrainParams) -> dict[str,
     src1, src2 = (vis, ir) if literal else (ir, vis)
     lb = backbone_loss(fused, ir=src1, vis_y=src2, w_ir=main.w_ir, w_vis=main.w_vis,
                        scale=state.backbone.params.input_scale, intensity=train.intensity,
-                       ssim_weight=train.ssim_weight, max_weight=train.max_weight)
+                       ssim_weight=train.ssim_weight, max_weight=train.max_weight,
+                       grad_weight=train.grad_weight)
     state.opt_backbone.zero_grad(set_to_none=True)
     lb["backbone"].backward()
     state.opt_backbone.step()

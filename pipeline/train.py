@@ -50,7 +50,7 @@ RESUMABLE_KNOBS = ("resume", "epochs", "max_failures", "collective_timeout_s", "
                    "val_samples", "worker_resources")
 # knobs added after runs began, at the value that leaves the step as it was: left out of the fingerprint there, so a
 # run started before them still resumes
-NEUTRAL_KNOBS = {"max_weight": 0.0}
+NEUTRAL_KNOBS = {"max_weight": 0.0, "grad_weight": 0.0}
 
 
 def _init_nets(params: Params) -> tuple[Backbone, CompensationPerceptionNetwork]:

@@ -43,6 +43,10 @@ def test_params_reject_unknown_keys_and_wrong_types(tmp_path: Path) -> None:
     bad.write_text("model:\n  norm_scope: global\n")
     with pytest.raises(ParamsError, match="norm_scope"):
         load_params(bad)
+    for knob in ("ssim_weight", "max_weight", "grad_weight"):  # a negative loss weight would train away from the term
+        bad.write_text(f"train:\n  {knob}: -0.5\n")
+        with pytest.raises(ParamsError, match=knob):
+            load_params(bad)
 
 
 def test_checkpoint_round_trip_with_metadata(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ import torch
 
 from cs2fusion.config import ImpairParams, ModelParams, TrainParams
 from cs2fusion.data.impair import impair
-from cs2fusion.losses import backbone_loss, contrastive_loss, cosine_matrix, sim_max_loss, sim_min_loss
+from cs2fusion.losses import (backbone_loss, contrastive_loss, cosine_matrix, sim_max_loss, sim_min_loss,
+                              sobel_magnitude)
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
 from cs2fusion.training import build_state, train_step
 
@@ -154,6 +155,35 @@ def test_max_term_takes_the_brighter_source_where_the_map_is_undecided() -> None
     assert on["intensity_max"].item() > 10
     assert "intensity_max" not in off
     assert (on["backbone"] - off["backbone"]).item() == pytest.approx(2.0 * on["intensity_max"].item(), rel=1e-5)
+
+
+def test_sobel_magnitude_of_ramps() -> None:
+    """Unnormalised Sobel: a ramp of slope s along either axis gives |∇| = 8·s inside, a flat image 0."""
+    u = torch.arange(12, dtype=torch.float64)
+    ramp_x, ramp_y = (3 * u).expand(12, 12)[None, None], (-2 * u)[:, None].expand(12, 12)[None, None]
+    assert torch.allclose(sobel_magnitude(ramp_x)[..., 1:-1, 1:-1], torch.full((10, 10), 24.0, dtype=torch.float64))
+    assert torch.allclose(sobel_magnitude(ramp_y)[..., 1:-1, 1:-1], torch.full((10, 10), 16.0, dtype=torch.float64))
+    assert sobel_magnitude(torch.full((1, 1, 8, 8), 7.0)).abs().max().item() == 0
+
+
+def test_gradient_term_keeps_the_stronger_edges_of_either_source() -> None:
+    """The max-gradient term (γ) is small for an output with the infrared's edge in the upper half and the visible's
+    texture in the lower (the union of the sources' edges), large for their average, which halves both, and for a
+    copy of either; γ adds γ times it to the total, and at γ 0 it is absent."""
+    gen = torch.Generator().manual_seed(4)
+    ir, vis = torch.zeros(2, 1, 1, 16, 16, dtype=torch.float64)
+    ir[..., :8, 8:] = 1.0
+    vis[..., 8:, :] = torch.rand(8, 16, generator=gen, dtype=torch.float64)
+    union, w = ir + vis, torch.full_like(ir, 0.5)
+    kwargs = dict(ir=ir, vis_y=vis, w_ir=w, w_vis=w, scale=255.0, intensity="l1")
+    keep, blur, off = (backbone_loss(f, grad_weight=g, **kwargs)
+                       for f, g in ((union, 2.0), ((ir + vis) / 2, 2.0), (union, 0.0)))
+    assert blur["gradient_max"].item() > 100
+    assert blur["gradient_max"].item() > 5 * keep["gradient_max"].item()
+    for copy in (ir, vis):  # a copy of one source loses the other's edges
+        assert backbone_loss(copy, grad_weight=2.0, **kwargs)["gradient_max"].item() > 4 * keep["gradient_max"].item()
+    assert "gradient_max" not in off
+    assert (keep["backbone"] - off["backbone"]).item() == pytest.approx(2.0 * keep["gradient_max"].item(), rel=1e-6)
 
 
 def test_ssim_weight_scales_only_the_ssim_terms() -> None:
