@@ -24,12 +24,13 @@ def test_shipped_params_load(path: str) -> None:
     assert params.model.input_scale == 255 and Path(REPO / params.train.init_from).is_file()
     if path == "params.yaml":  # the demo fine-tunes the shipped model gently (README, quick start)
         assert (params.train.lr_backbone, params.train.lr_cpn) == (2e-5, 2e-4)
-    else:  # phase 4: after the paper's 20 epochs (phase 3's nets), l1 terms + the max term on a sharp map, one epoch at
-        train = params.train  # the short runs' rate, then ×0.1
-        assert (train.intensity, train.max_weight, params.model.map_norm) == ("l1", 0.5, "robust_sharp")
+    else:  # phase 5: after phase 4 (two epochs after the paper's 20), l1 terms + max and max-gradient terms on a sharp
+        train = params.train  # map, one epoch at the short runs' rate, then ×0.1
+        assert (train.intensity, params.model.map_norm) == ("l1", "robust_sharp")
+        assert (train.max_weight, train.grad_weight, train.ssim_weight) == (2.0, 1.0, 150.0)
         assert (train.lr_backbone, train.lr_cpn, train.milestones, train.epochs) == (2e-4, 2e-5, (1,), 2)
-        assert train.init_from.endswith("phase3-epoch20.safetensors")
-        assert read_meta(REPO / train.init_from)["val_score"] > 1.29  # the schedule's epoch 20, not an earlier one
+        assert train.init_from.endswith("phase4-epoch2.safetensors")
+        assert read_meta(REPO / train.init_from)["val_score"] > 1.2995  # phase 4's kept epoch 2, not its epoch 1
 
 
 def test_params_reject_unknown_keys_and_wrong_types(tmp_path: Path) -> None:

@@ -470,21 +470,24 @@ def test_previous_runs_are_resumed_or_moved_aside(where: str, tmp_path: Path, re
 
 
 def test_a_knob_added_at_its_neutral_value_keeps_a_runs_fingerprint() -> None:
-    """The preset's phase-3 params (run roadscene-l1, begun before ``train.max_weight`` existed) keep the fingerprint
-    they had then, so that committed run still resumes under ``resume: must``; a non-neutral value is another run."""
+    """The preset's phase-3 params (run roadscene-l1, begun before ``train.max_weight`` and ``train.grad_weight``
+    existed) keep the fingerprint they had then, so that committed run still resumes under ``resume: must``; a
+    non-neutral value of either is another run."""
     import dataclasses
 
     from pipeline.train import fingerprint
 
-    params = load_params(REPO / "presets" / "roadscene" / "params.yaml")  # phase 4's: back to phase 3's knobs
+    params = load_params(REPO / "presets" / "roadscene" / "params.yaml")  # phase 5's: back to phase 3's knobs
     phase3 = dataclasses.replace(
         params, model=dataclasses.replace(params.model, map_norm="robust_tight"),
-        train=dataclasses.replace(params.train, max_weight=0.0, milestones=(3,), run_name="roadscene-l1",
+        train=dataclasses.replace(params.train, max_weight=0.0, grad_weight=0.0, milestones=(3,),
+                                  run_name="roadscene-l1",
                                   init_from="presets/roadscene/init/phase2-epoch12.safetensors"))
     before = "037c4b36f3d7d1f593e68b0e30248847d96af8e82a53f6e1363944c2911dc722"
     assert fingerprint(phase3, "0" * 64) == before
-    with_max = dataclasses.replace(phase3, train=dataclasses.replace(phase3.train, max_weight=0.5))
-    assert fingerprint(with_max, "0" * 64) != before
+    for knob in ("max_weight", "grad_weight"):
+        other = dataclasses.replace(phase3, train=dataclasses.replace(phase3.train, **{knob: 0.5}))
+        assert fingerprint(other, "0" * 64) != before
 
 
 def test_a_run_resumed_where_its_mlflow_run_is_unknown_continues_in_a_linked_run(tmp_path: Path) -> None:
