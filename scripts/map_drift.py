@@ -41,6 +41,8 @@ log = logging.getLogger("map_drift")
 PHASE1 = str(REPO / "presets" / "roadscene" / "init" / "phase1-epoch6.safetensors")
 # TrainParams overrides, plus ``start`` (random | pretrain | published | a checkpoint .safetensors) and ``map_norm``
 # (ModelParams); an lr of 1e-12 freezes that net
+# the sharp map with l1 terms and SSIM λ 150: phase 4's and phase 5's base
+SHARP_L1 = {"map_norm": "robust_sharp", "intensity": "l1", "ssim_weight": 150.0}
 VARIANTS = {
     "paper": {},
     "no impaired term (k 0)": {"impaired_weight": 0.0},
@@ -71,32 +73,23 @@ VARIANTS = {
     "tight map + l1 + SSIM ×150": {"map_norm": "robust_tight", "intensity": "l1", "ssim_weight": 150.0},
     "tight map + l1 + SSIM ×500": {"map_norm": "robust_tight", "intensity": "l1", "ssim_weight": 500.0},
     # under l1 the pull towards one source grows with |2m − 1|: a map clamped at mean ± 0.5 std selects harder
-    "sharp map + l1 + SSIM ×150": {"map_norm": "robust_sharp", "intensity": "l1", "ssim_weight": 150.0},
+    "sharp map + l1 + SSIM ×150": SHARP_L1,
     # the field's max-intensity prior beside the map's terms (not the paper's): a pull toward the brighter source
     "tight map + l1 + SSIM ×150 + max ×0.5": {"map_norm": "robust_tight", "intensity": "l1", "ssim_weight": 150.0,
                                              "max_weight": 0.5},
     "tight map + l1 + SSIM ×150 + max ×1": {"map_norm": "robust_tight", "intensity": "l1", "ssim_weight": 150.0,
                                            "max_weight": 1.0},
-    "sharp map + l1 + SSIM ×150 + max ×0.5": {"map_norm": "robust_sharp", "intensity": "l1", "ssim_weight": 150.0,
-                                             "max_weight": 0.5},
+    "sharp map + l1 + SSIM ×150 + max ×0.5": {**SHARP_L1, "max_weight": 0.5},
     # plus the field's max-gradient term (not the paper's): the max term's pull to the brighter source without its loss
     # of edges
-    "sharp map + l1 + SSIM ×150 + max ×0.5 + grad ×1": {"map_norm": "robust_sharp", "intensity": "l1",
-                                                       "ssim_weight": 150.0, "max_weight": 0.5, "grad_weight": 1.0},
-    "sharp map + l1 + SSIM ×150 + max ×1 + grad ×1": {"map_norm": "robust_sharp", "intensity": "l1",
-                                                     "ssim_weight": 150.0, "max_weight": 1.0, "grad_weight": 1.0},
-    "sharp map + l1 + SSIM ×150 + max ×1 + grad ×3": {"map_norm": "robust_sharp", "intensity": "l1",
-                                                     "ssim_weight": 150.0, "max_weight": 1.0, "grad_weight": 3.0},
-    "sharp map + l1 + SSIM ×150 + max ×1": {"map_norm": "robust_sharp", "intensity": "l1", "ssim_weight": 150.0,
-                                           "max_weight": 1.0},
-    "sharp map + l1 + SSIM ×150 + max ×1 + grad ×0.3": {"map_norm": "robust_sharp", "intensity": "l1",
-                                                       "ssim_weight": 150.0, "max_weight": 1.0, "grad_weight": 0.3},
-    "sharp map + l1 + SSIM ×150 + max ×2 + grad ×1": {"map_norm": "robust_sharp", "intensity": "l1",
-                                                     "ssim_weight": 150.0, "max_weight": 2.0, "grad_weight": 1.0},
-    "sharp map + l1 + SSIM ×150 + max ×1.5 + grad ×0.3": {"map_norm": "robust_sharp", "intensity": "l1",
-                                                         "ssim_weight": 150.0, "max_weight": 1.5, "grad_weight": 0.3},
-    "sharp map + l1 + SSIM ×150 + max ×1.5 + grad ×0.5": {"map_norm": "robust_sharp", "intensity": "l1",
-                                                         "ssim_weight": 150.0, "max_weight": 1.5, "grad_weight": 0.5},
+    "sharp map + l1 + SSIM ×150 + max ×0.5 + grad ×1": {**SHARP_L1, "max_weight": 0.5, "grad_weight": 1.0},
+    "sharp map + l1 + SSIM ×150 + max ×1 + grad ×1": {**SHARP_L1, "max_weight": 1.0, "grad_weight": 1.0},
+    "sharp map + l1 + SSIM ×150 + max ×1 + grad ×3": {**SHARP_L1, "max_weight": 1.0, "grad_weight": 3.0},
+    "sharp map + l1 + SSIM ×150 + max ×1": {**SHARP_L1, "max_weight": 1.0},
+    "sharp map + l1 + SSIM ×150 + max ×1 + grad ×0.3": {**SHARP_L1, "max_weight": 1.0, "grad_weight": 0.3},
+    "sharp map + l1 + SSIM ×150 + max ×2 + grad ×1": {**SHARP_L1, "max_weight": 2.0, "grad_weight": 1.0},
+    "sharp map + l1 + SSIM ×150 + max ×1.5 + grad ×0.3": {**SHARP_L1, "max_weight": 1.5, "grad_weight": 0.3},
+    "sharp map + l1 + SSIM ×150 + max ×1.5 + grad ×0.5": {**SHARP_L1, "max_weight": 1.5, "grad_weight": 0.5},
     # from the full recipe's epoch-6 state (phase 1 of presets/roadscene) at its learning rates then (×0.1)
     "phase 1 epoch 6, robust": {"map_norm": "robust", "intensity": "mse", "ssim_weight": 1e4, "start": PHASE1,
                                 "lr_backbone": 2e-4, "lr_cpn": 2e-5},
