@@ -131,8 +131,10 @@ class ShardParams:
 class TrainParams:
     """``train`` stage: the paper's recipe by default, plus the Ray scaling and checkpoint knobs.
 
-    ``batch_size`` is the global batch, split evenly over ``num_workers`` (the contrastive similarity matrices
-    are computed per worker, over its local batch). ``max_steps_per_epoch`` (0 = the full epoch) shortens runs.
+    ``batch_size`` is the global batch, split over ``num_workers`` (equal parts, or one sample apart where they do not
+    divide it): every term that spans the batch spans the global batch (:mod:`cs2fusion.span`), so any worker count
+    trains the same model. ``num_workers`` may be a range ``[min, max]`` (elastic: a run that loses workers
+    continues on fewer from its latest checkpoint). ``max_steps_per_epoch`` (0 = the full epoch) shortens runs.
     ``init_from`` starts the backbone (and CPN, if stored) from a cs2fusion checkpoint. ``resume``: ``auto``
     continues the run in ``storage_path/run_name`` from its latest checkpoint when its params, shards and training
     code are the same (else that folder is moved aside, never deleted), ``never`` moves it aside, ``must`` continues
@@ -177,7 +179,7 @@ class TrainParams:
     loader_workers: int = 1
     init_from: str = ""
     # Ray
-    num_workers: int = 2
+    num_workers: int | tuple[int, ...] = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     threads_per_worker: int = 1
@@ -198,6 +200,15 @@ class TrainParams:
     keep: Literal["best", "last"] = "best"
     tracking_patience_s: int = 600
 
+    @property
+    def worker_range(self) -> tuple[int, ...]:
+        """(min, max) workers: a fixed count is (n, n)."""
+        return (self.num_workers,) * 2 if isinstance(self.num_workers, int) else tuple(self.num_workers)
+
+    @property
+    def elastic(self) -> bool:
+        return self.worker_range[0] != self.worker_range[-1]
+
     def __post_init__(self) -> None:
         _require({
             "epochs (>= 1)": self.epochs >= 1, "batch_size (>= 1)": self.batch_size >= 1,
@@ -207,14 +218,17 @@ class TrainParams:
             "max_weight (>= 0)": self.max_weight >= 0, "grad_weight (>= 0)": self.grad_weight >= 0,
             "max_steps_per_epoch (>= 0)": self.max_steps_per_epoch >= 0,
             "shuffle_buffer (>= 1)": self.shuffle_buffer >= 1, "loader_workers (>= 0)": self.loader_workers >= 0,
-            "num_workers (>= 1)": self.num_workers >= 1, "cpus_per_worker (> 0)": self.cpus_per_worker > 0,
+            "num_workers (a count >= 1, or a range [min, max] with 1 <= min <= max)":
+                len(self.worker_range) == 2 and 1 <= self.worker_range[0] <= self.worker_range[-1],
+            "cpus_per_worker (> 0)": self.cpus_per_worker > 0,
             "threads_per_worker (>= 1)": self.threads_per_worker >= 1, "max_failures (>= -1)": self.max_failures >= -1,
             "checkpoint_every (>= 1)": self.checkpoint_every >= 1, "log_every (>= 1)": self.log_every >= 1,
             "collective_timeout_s (>= 1)": self.collective_timeout_s >= 1, "val_samples (>= 0)": self.val_samples >= 0,
             "tracking_patience_s (>= 0)": self.tracking_patience_s >= 0, "val_every (>= 1)": self.val_every >= 1,
             "checkpoint_every (a multiple of val_every: every checkpoint has a score)":
                 self.val_every < 1 or self.checkpoint_every % self.val_every == 0,
-            "batch_size (a multiple of num_workers)": self.num_workers < 1 or self.batch_size % self.num_workers == 0,
+            "batch_size (at least the most num_workers: every worker holds a sample)":
+                self.batch_size >= self.worker_range[-1],
             "storage_path (not empty)": bool(self.storage_path), "run_name (a plain name)": _plain(self.run_name),
             "worker_resources (amounts > 0)": all(v > 0 for v in self.worker_resources.values()),
         })

@@ -3,6 +3,8 @@
 Conventions, as in the release: similarities are cosine similarities of L2-normalised rows, an N×N matrix over
 the batch clamped to [0.0005, 0.9995]; norms are Frobenius norms over the whole batch tensor on the 0–255
 scale; SSIM is kornia's with a 3×3 window and ``max_val`` 1 on 0–255 data (so nearly unstabilised).
+Under a :class:`~cs2fusion.span.BatchSpan` of several ranks every returned term is this rank's share of the global
+batch's value (the rows of a similarity matrix that are its samples', against every rank's columns).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from kornia.filters import spatial_gradient
 from kornia.losses import ssim_loss
 
 from cs2fusion.model.cpn import CPNOutput
+from cs2fusion.span import LOCAL, BatchSpan
 
 SIM_MIN, SIM_MAX = 0.0005, 0.9995
 
@@ -31,36 +34,41 @@ def cosine_matrix(x: torch.Tensor, y: torch.Tensor, *, gram: bool = False) -> to
     return (F.normalize(x, dim=1) @ F.normalize(y, dim=1).T).clamp(SIM_MIN, SIM_MAX)
 
 
-def sim_max_loss(x: torch.Tensor, y: torch.Tensor, *, alpha: float, gram: bool = False) -> torch.Tensor:
-    """Pulls rows together: mean(−log(sim) · exp(−alpha · rank)), rank = descending position in the row − 1."""
+def sim_max_loss(x: torch.Tensor, y: torch.Tensor, *, alpha: float, gram: bool = False,
+                 span: BatchSpan = LOCAL) -> torch.Tensor:
+    """Pulls rows together: mean(−log(sim) · exp(−alpha · rank)), rank = descending position in the row − 1.
+    Under ``span``: this rank's rows of x against y, every rank's rows (:meth:`BatchSpan.gather`)."""
     sim = cosine_matrix(x, y, gram=gram)
     loss = (-torch.log(sim)).clamp(min=0)
     rank = sim.argsort(dim=1, descending=True, stable=True).argsort(dim=1) - 1
-    return (loss * torch.exp(-alpha * rank.to(loss.dtype))).mean()
+    return span.mean_share(loss * torch.exp(-alpha * rank.to(loss.dtype)))
 
 
-def sim_min_loss(x: torch.Tensor, y: torch.Tensor, *, gram: bool = False) -> torch.Tensor:
-    """Pushes rows apart: mean(−log(1 − sim))."""
-    return (-torch.log(1 - cosine_matrix(x, y, gram=gram))).mean()
+def sim_min_loss(x: torch.Tensor, y: torch.Tensor, *, gram: bool = False, span: BatchSpan = LOCAL) -> torch.Tensor:
+    """Pushes rows apart: mean(−log(1 − sim)) (rows and columns as in :func:`sim_max_loss`)."""
+    return span.mean_share(-torch.log(1 - cosine_matrix(x, y, gram=gram)))
 
 
 def contrastive_loss(
     main: CPNOutput, *, impaired_sso_ir: torch.Tensor, impaired_sso_vis: torch.Tensor, alpha: float,
-    impaired_weight: float, gram: bool = False,
+    impaired_weight: float, gram: bool = False, span: BatchSpan = LOCAL,
 ) -> dict[str, torch.Tensor]:
     """loss_CPN = contrast_1 + k·contrast_2 (k = ``impaired_weight``), with its two terms, as a dict.
 
     contrast_1 = sim-max(SSO_ir, map_ir) + sim-max(SSO_vis, map_vis) + sim-min(map_vis, map_ir);
     contrast_2 = sim-max(map_ir, SSO_ir′) + sim-min(map_ir, SSO_vis′), ′ = the pass with the impaired visible
     (only SSO features of it are used, so the second pass needs no CPN forward). ``gram``: see :func:`cosine_matrix`.
+    Under ``span`` the four column tensors are gathered once each.
     """
+    map_ir, map_vis, imp_ir, imp_vis = map(span.gather, (main.map_ir, main.map_vis, impaired_sso_ir,
+                                                          impaired_sso_vis))
     c1 = (
-        sim_max_loss(main.sso_ir, main.map_ir, alpha=alpha, gram=gram)
-        + sim_max_loss(main.sso_vis, main.map_vis, alpha=alpha, gram=gram)
-        + sim_min_loss(main.map_vis, main.map_ir, gram=gram)
+        sim_max_loss(main.sso_ir, map_ir, alpha=alpha, gram=gram, span=span)
+        + sim_max_loss(main.sso_vis, map_vis, alpha=alpha, gram=gram, span=span)
+        + sim_min_loss(main.map_vis, map_ir, gram=gram, span=span)
     )
-    c2 = (sim_max_loss(main.map_ir, impaired_sso_ir, alpha=alpha, gram=gram)
-          + sim_min_loss(main.map_ir, impaired_sso_vis, gram=gram))
+    c2 = (sim_max_loss(main.map_ir, imp_ir, alpha=alpha, gram=gram, span=span)
+          + sim_min_loss(main.map_ir, imp_vis, gram=gram, span=span))
     return {"cpn": c1 + impaired_weight * c2, "contrast_1": c1, "contrast_2": c2}
 
 
@@ -81,6 +89,7 @@ def backbone_loss(
     ssim_weight: float = 1.0,
     max_weight: float = 0.0,
     grad_weight: float = 0.0,
+    span: BatchSpan = LOCAL,
 ) -> dict[str, torch.Tensor]:
     """‖F·w_ir − ir·w_ir‖ + ‖F·w_vis − vis·w_vis‖ + λ·(SSIMloss(F, ir) + SSIMloss(F, vis)), with its terms.
 
@@ -103,14 +112,17 @@ def backbone_loss(
 
     def distance(x: torch.Tensor) -> torch.Tensor:
         if intensity == "norm":
-            return torch.linalg.vector_norm(x)
-        return x.abs().mean() if intensity == "l1" else x.square().mean()
+            return span.whole_share(span.norm(x))
+        return span.mean_share(x.abs() if intensity == "l1" else x.square())
+
+    def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return span.mean_share(ssim_loss(x, y, window_size=3, max_val=1.0, reduction="none"))
 
     terms = {
         "intensity_ir": distance((f - a) * w_ir),
         "intensity_vis": distance((f - b) * w_vis),
-        "ssim_ir": ssim_loss(f, a, window_size=3, max_val=1.0),
-        "ssim_vis": ssim_loss(f, b, window_size=3, max_val=1.0),
+        "ssim_ir": ssim(f, a),
+        "ssim_vis": ssim(f, b),
     }
     total = terms["intensity_ir"] + terms["intensity_vis"] + ssim_weight * (terms["ssim_ir"] + terms["ssim_vis"])
     if max_weight > 0:
@@ -118,6 +130,6 @@ def backbone_loss(
         total = total + max_weight * terms["intensity_max"]
     if grad_weight > 0:
         target = torch.maximum(sobel_magnitude(a), sobel_magnitude(b))
-        terms["gradient_max"] = (sobel_magnitude(f) - target).abs().mean()
+        terms["gradient_max"] = span.mean_share((sobel_magnitude(f) - target).abs())
         total = total + grad_weight * terms["gradient_max"]
     return {"backbone": total, **terms}

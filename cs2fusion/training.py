@@ -25,6 +25,7 @@ from cs2fusion.losses import backbone_loss, contrastive_loss
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
 from cs2fusion.model.backbone import BackboneOutput, EncoderFeatures
 from cs2fusion.model.cpn import CPNOutput, sso_features
+from cs2fusion.span import LOCAL, BatchSpan
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class TrainState:
-    """Nets and optimisation state. ``*_train`` are what the step calls (e.g. DDP-wrapped); default: the nets."""
+    """Nets and optimisation state. ``*_train`` are what the step calls (e.g. DDP-wrapped); default: the nets.
+    ``span``: the ranks whose batches form the global batch (:mod:`cs2fusion.span`)."""
 
     backbone: Backbone
     cpn: CompensationPerceptionNetwork
@@ -44,6 +46,8 @@ class TrainState:
     step: int = 0
     backbone_train: nn.Module | None = None
     cpn_train: nn.Module | None = None
+    # the global batch a step's batch is part of (data-parallel ranks); the step is that of one process on all of it
+    span: BatchSpan = LOCAL
 
     def __post_init__(self) -> None:
         self.backbone_train = self.backbone_train or self.backbone
@@ -66,7 +70,7 @@ def build_state(model: ModelParams, train: TrainParams, *, backbone: Backbone | 
     )
 
 
-def _by_modality(losses: dict[str, torch.Tensor], slot1_is_vis: bool) -> dict[str, torch.Tensor]:
+def _by_modality(losses: dict[str, float], slot1_is_vis: bool) -> dict[str, float]:
     """The loss functions name terms by CPN slot (slot 1 = ``ir``); the logged names say the modality."""
     if not slot1_is_vis:
         return losses
@@ -134,39 +138,52 @@ def train_step(state: TrainState, batch: Batch, train: TrainParams) -> dict[str,
     with the visible image first, which the published CPN fits). Both reproduce the release's golden step.
     ``train.precision`` bf16 runs the forward passes under autocast (where the hardware has bf16); the losses and
     the optimizers stay fp32. ``train.fast_losses``: Gram-matrix similarities (:func:`cs2fusion.losses.cosine_matrix`).
+    Data-parallel (``state.span`` of N ranks, nets DDP-wrapped, this rank's part of the global batch): every term that
+    spans the batch spans the global batch, each rank backpropagates N × its share of each loss (DDP averages the
+    gradients), and the returned terms are the global batch's: the step and its numbers are one process's.
     """
     ir, vis, vis_imp = batch
-    literal = train.step_order == "literal"
+    literal, span = train.step_order == "literal", state.span
     state.backbone_train.train()
     state.cpn_train.train()
     with _forward_context(step_precision(train, ir.device.type), ir.device.type):
         out = state.backbone_train(vis_y=vis, ir=ir)
         slot1, slot2 = cpn_slots(out, train.step_order)
-        main = state.cpn_train(ir=slot1, vis=slot2)
+        main = state.cpn_train(ir=slot1, vis=slot2, span=span)
         with torch.no_grad():
             imp_vis = state.backbone.encoder_vis(vis_imp * state.backbone.params.input_scale)
-            imp_sso_vis = sso_features(imp_vis, state.cpn.params.norm_scope)
-    # losses (norms, SSIM, similarity matrices) in fp32 whatever the forward ran in
-    fused, main, imp_sso_vis = out.fused.float(), CPNOutput(*(t.float() for t in main)), imp_sso_vis.float()
+            imp_sso_vis = sso_features(imp_vis, state.cpn.params.norm_scope, span)
+    # losses (norms, SSIM, similarity matrices) in fp32 (or the nets' fp64) whatever the forward ran in
+    fused, main, imp_sso_vis = _wide(out.fused), CPNOutput(*map(_wide, main)), _wide(imp_sso_vis)
 
     src1, src2 = (vis, ir) if literal else (ir, vis)
     lb = backbone_loss(fused, ir=src1, vis_y=src2, w_ir=main.w_ir, w_vis=main.w_vis,
                        scale=state.backbone.params.input_scale, intensity=train.intensity,
                        ssim_weight=train.ssim_weight, max_weight=train.max_weight,
-                       grad_weight=train.grad_weight)
+                       grad_weight=train.grad_weight, span=span)
     state.opt_backbone.zero_grad(set_to_none=True)
-    lb["backbone"].backward()
+    _backward(lb["backbone"], span)
     state.opt_backbone.step()
 
     # the impaired pass replaces the visible input; the infrared features are the main pass's
     imp1, imp2 = (imp_sso_vis, main.sso_vis) if literal else (main.sso_ir, imp_sso_vis)
     lc = contrastive_loss(main, impaired_sso_ir=imp1, impaired_sso_vis=imp2, alpha=train.alpha,
-                          impaired_weight=train.impaired_weight, gram=train.fast_losses)
+                          impaired_weight=train.impaired_weight, gram=train.fast_losses, span=span)
     state.opt_cpn.zero_grad(set_to_none=True)
-    lc["cpn"].backward()
+    _backward(lc["cpn"], span)
     state.opt_cpn.step()
     state.step += 1
-    return {f"loss/{k}": float(v.detach()) for k, v in _by_modality({**lb, **lc}, literal).items()}
+    return {f"loss/{k}": v for k, v in _by_modality(span.totals({**lb, **lc}), literal).items()}
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """fp32, or fp64 as it is (an autocast forward's bf16 outputs are widened for the losses)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _backward(share: torch.Tensor, span: BatchSpan) -> None:
+    """Backpropagates world × this rank's share of a loss: after DDP's averaging, the global loss's gradient."""
+    (share if span.local else share * span.world).backward()
 
 
 def run_epoch(state: TrainState, batches: Iterable[Batch], train: TrainParams, *, steps: int,

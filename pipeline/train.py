@@ -31,6 +31,7 @@ from cs2fusion.data.shards import TrainShards, iter_eval, set_files, set_shards
 from cs2fusion.inference import FuseOptions, Fuser
 from cs2fusion.io import InputError, write_png, write_text
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
+from cs2fusion.span import BatchSpan
 from cs2fusion.training import (build_state, cpn_input_order, load_optim_state, lrs, map_stats, optim_state,
                                  run_epoch, step_precision)
 from cs2fusion.validation import baseline_scores, mean_scores, selection_score, validate
@@ -48,6 +49,9 @@ SCORE, GRID_ROWS = "val/score", 4
 # Knobs a resumed run may change: they do not alter what the finished model is (epochs extends a run).
 RESUMABLE_KNOBS = ("resume", "epochs", "max_failures", "collective_timeout_s", "log_every", "tracking_patience_s",
                    "val_samples", "worker_resources")
+# the cluster's shape: any shape trains the same model (global-batch semantics, cs2fusion.span), so a run resumes on
+# another; fingerprints written before this rule held them (legacy_fingerprint)
+SHAPE_KNOBS = ("num_workers", "use_gpu", "cpus_per_worker", "threads_per_worker", "loader_workers")
 # knobs added after runs began, at the value that leaves the step as it was: left out of the fingerprint there, so a
 # run started before them still resumes
 NEUTRAL_KNOBS = {"max_weight": 0.0, "grad_weight": 0.0}
@@ -115,11 +119,12 @@ def _broadcast(value: Any, world: int) -> Any:
     return value
 
 
-def _across_ranks(means: dict[str, float], world: int) -> dict[str, float]:
-    """Epoch means averaged over ranks; throughput summed (the whole cluster's samples/s)."""
+def _across_ranks(means: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """Epoch means averaged over ranks (the loss terms are the global batch's already, the same on every rank);
+    throughput summed (the whole cluster's samples/s)."""
     if world > 1:
         keys = sorted(means)
-        values = torch.tensor([means[k] for k in keys], dtype=torch.float64)
+        values = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(values)
         means = {k: float(v) / world for k, v in zip(keys, values)}
         means["perf/samples_per_s"] *= world
@@ -184,13 +189,11 @@ def train_loop(config: dict[str, Any]) -> None:
     _record_placement(tracker, rank, world)
     state.backbone_train = ray.train.torch.prepare_model(backbone)
     state.cpn_train = ray.train.torch.prepare_model(cpn)
-
-    if tp.batch_size % world:
-        raise InputError(f"train.batch_size {tp.batch_size} is not divisible by num_workers {world}")
-    local_batch = tp.batch_size // world
-    dataset = TrainShards(set_shards(config["shards"], "train"), local_batch=local_batch, rank=rank, world_size=world,
-                          seed=tp.seed, impair_params=params.impair, shuffle_buffer=tp.shuffle_buffer)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, num_workers=tp.loader_workers,
+    if world > 1:  # the batch-spanning terms' collectives, apart from DDP's gradient all-reduces
+        state.span = BatchSpan.of(tp.batch_size, torch.distributed.new_group())
+    dataset = TrainShards(set_shards(config["shards"], "train"), batch_size=tp.batch_size, rank=rank,
+                          world_size=world, seed=tp.seed, impair_params=params.impair, shuffle_buffer=tp.shuffle_buffer)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=dataset.local_batch, num_workers=tp.loader_workers,
                                          drop_last=True)
     val_pairs = _val_pairs(set_files(config["shards"], tp.val_set), tp.val_samples) if tp.val_set and rank == 0 else []
     val_baseline = baseline_scores(val_pairs) if val_pairs else {}
@@ -214,7 +217,9 @@ def train_loop(config: dict[str, Any]) -> None:
             if steps == 0:
                 raise InputError(f"too few training samples for batch {tp.batch_size} on {world} workers")
             reporter.start_epoch(state.epoch, steps, state.step)
-            means = _across_ranks(run_epoch(state, loader, tp, steps=steps, device=device, on_step=on_step), world)
+            means = _across_ranks(run_epoch(state, loader, tp, steps=steps, device=device, on_step=on_step), world,
+                                  device)
+            means["perf/workers"] = world  # elastic runs change it; the step does not
             reporter.end_epoch(means)
             metrics = {**{f"epoch/{k}": v for k, v in means.items()}, **lrs(state), "epoch": state.epoch,
                        "step": state.step}
@@ -294,22 +299,28 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def fingerprint(params: Params, shards_sha256: str) -> str:
+def fingerprint(params: Params, shards_sha256: str, *, legacy: bool = False) -> str:
     """What makes two runs the same run: the model, impair and train params (less the knobs a resumed run may
-    change) and the training shards. The training code is compared separately (:func:`plan_run`)."""
+    change, and the cluster's shape) and the training shards. The training code is compared separately
+    (:func:`plan_run`). ``legacy``: as written before the shape knobs were left out (such a run still resumes)."""
+    skip = RESUMABLE_KNOBS if legacy else (*RESUMABLE_KNOBS, *SHAPE_KNOBS)
     train = {k: v for k, v in to_dict(params.train).items()
-             if k not in RESUMABLE_KNOBS and not (k in NEUTRAL_KNOBS and v == NEUTRAL_KNOBS[k])}
+             if k not in skip and not (k in NEUTRAL_KNOBS and v == NEUTRAL_KNOBS[k])}
     what = {"model": to_dict(params.model), "impair": to_dict(params.impair), "train": train, "shards": shards_sha256}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def plan_run(run_dir: str | Path, mode: str, print_: str, code: str = "") -> tuple[bool, str | None]:
+def plan_run(run_dir: str | Path, mode: str, print_: str, code: str = "", legacy: str = "") -> tuple[bool, str | None]:
     """(True, None): resume the run in ``run_dir`` (a folder or an object-store prefix); else (False, where a previous
     run there was moved aside: it is never deleted). ``auto`` resumes the same params, shards and code; ``must``
     resumes the same params and shards even where the training code changed since (a long run carried across code
-    fixes, logged), and fails otherwise."""
+    fixes, logged), and fails otherwise. A run whose fingerprint is ``legacy`` (the same run, written by an earlier
+    rule) counts as the same and gets the current one."""
     previous = storage.read_text(storage.join(run_dir, FINGERPRINT_FILE))
     previous = previous.strip() if previous is not None else None
+    if legacy and previous == legacy and storage.exists(storage.join(run_dir, RUN_ID_FILE)):
+        storage.write_text(storage.join(run_dir, FINGERPRINT_FILE), print_ + "\n")
+        previous = print_
     same = previous == print_ and storage.exists(storage.join(run_dir, RUN_ID_FILE))
     old_code = (storage.read_text(storage.join(run_dir, CODE_FILE)) or "").strip()
     if mode == "must" and not same:
@@ -410,7 +421,7 @@ def fit(params: Params, *, shards: str | Path, out: str | Path, metrics_out: Pat
         return retrying(call, what, tp.tracking_patience_s)
 
     print_, code = fingerprint(params, shards_sha), code_digest()
-    resume, aside = plan_run(run_dir, tp.resume, print_, code)
+    resume, aside = plan_run(run_dir, tp.resume, print_, code, legacy=fingerprint(params, shards_sha, legacy=True))
     if resume:
         tracker = Tracker(uri, storage.read_text(storage.join(run_dir, RUN_ID_FILE)).strip())
         status = patiently(lambda: _status_or_none(tracker), "status")
@@ -437,7 +448,8 @@ def fit(params: Params, *, shards: str | Path, out: str | Path, metrics_out: Pat
         train_loop,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if tp.use_gpu else "gloo", timeout_s=tp.collective_timeout_s),
-        scaling_config=ScalingConfig(num_workers=tp.num_workers, use_gpu=tp.use_gpu,
+        scaling_config=ScalingConfig(num_workers=tp.worker_range if tp.elastic else tp.worker_range[0],
+                                     use_gpu=tp.use_gpu,
                                      resources_per_worker={"CPU": tp.cpus_per_worker, **tp.worker_resources}),
         run_config=RunConfig(name=tp.run_name, storage_path=storage_root,
                              failure_config=FailureConfig(max_failures=tp.max_failures),

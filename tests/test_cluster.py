@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import shutil
@@ -13,15 +14,17 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import psutil
 import pytest
+import torch
+import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from cs2fusion import storage
-from cs2fusion.checkpoint import read_meta
+from cs2fusion.checkpoint import load_checkpoint, read_meta
 from cs2fusion.cli import app
 from cs2fusion.config import Params, build
 from cs2fusion.data.manifest import build_manifest
@@ -30,6 +33,7 @@ from cs2fusion.io import InputError, read_image
 from tests.conftest import DATA, REPO, TRAINER_SLOT, RayHead, free_port, start_mlflow_server
 from tests.tiny import TINY, env, stage, write_params
 
+log = logging.getLogger(__name__)
 pytestmark = [pytest.mark.cluster, pytest.mark.data]  # in the "ray" xdist group by their fixtures (ray_head, s3)
 
 
@@ -290,3 +294,84 @@ def test_dvc_remote_on_object_storage(s3: str, s3_server: dict[str, str], tmp_pa
     pulled = {p.relative_to(clone): p.read_bytes() for p in (clone / "data" / "shards").rglob("*")}
     assert pulled == original and any(p.suffix == ".tar" for p in original)
     assert json.loads(run(clone, "dvc", "status", "--json")) == {}
+
+
+def _demo_params(folder: Path, **train: Any) -> None:
+    """The repository's params.yaml (the quick start's demo data set) with ``train`` overrides, in ``folder``."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update({"epochs": 2, "log_every": 1, "val_set": "", "keep": "last", "max_failures": 2,
+                            "init_from": str(REPO / params["train"]["init_from"]), **train})
+    params["fuse"]["published"] = ""
+    params["cluster"]["shared_fs"] = True  # one machine: every node sees the same paths
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def _weights(model: Path) -> dict[str, torch.Tensor]:
+    ckpt = load_checkpoint(model, with_cpn=True)
+    return {**{f"backbone.{k}": v for k, v in ckpt.backbone.state_dict().items()},
+            **{f"cpn.{k}": v for k, v in ckpt.cpn.state_dict().items()}}
+
+
+# the CPN's last bias shifts the map before its normalisation (min-max or mean ± k std), which removes constants: it
+# changes no output, its gradient is zero in exact arithmetic, so Adam moves it by ±lr on rounding noise
+NO_EFFECT = "cpn.estimator.bias"
+
+
+def _weights_apart(a: Path, b: Path) -> float:
+    """The largest ‖Δ‖ / ‖w‖ over the parameter tensors of two checkpoints (but :data:`NO_EFFECT`)."""
+    wa, wb = _weights(a), _weights(b)
+    return max(float((wb[k] - w).norm() / w.norm().clamp_min(1e-12)) for k, w in wa.items() if k != NO_EFFECT)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_any_cluster_shape_trains_the_same_model(ray_head: RayHead, second_node: SecondNode,
+                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The train stage on the demo shards with 1 and with 2 workers, same seed: per-step ``loss/backbone`` within
+    1e-4 relative and the final weights within 1e-4; then elastic (``num_workers: [1, 2]``, one worker per node):
+    the second node is lost mid-epoch 2, the run continues on 1 worker from epoch 1's checkpoint and ends with the
+    same weights within 1e-4."""
+    data = tmp_path_factory.mktemp("demo")
+    _demo_params(data)
+    stage(data, "synth")
+    stage(data, "prepare", "--out", "data/manifest.json")
+    stage(data, "shard", "--manifest", "data/manifest.json", "--out", "data/shards")
+    shards = str(data / "data" / "shards")
+    args = ("--shards", shards, "--out", "model.safetensors", "--metrics", "train.json")
+    curves, models = {}, {}
+    for workers in (1, 2):
+        folder = tmp_path_factory.mktemp(f"workers{workers}")
+        _demo_params(folder, num_workers=workers)
+        stage(folder, "train", *args, RAY_ADDRESS=ray_head.address)
+        run_id = json.loads((folder / "train.json").read_text())["mlflow_run_id"]
+        history = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").get_metric_history(run_id, "loss/backbone")
+        curves[workers] = [m.value for m in sorted(history, key=lambda m: m.step)]
+        models[workers] = folder / "model.safetensors"
+    assert len(curves[1]) == len(curves[2]) == 18  # 2 epochs of 72 patches / 8
+    apart = max(abs(b - a) / abs(a) for a, b in zip(curves[1], curves[2])), _weights_apart(models[1], models[2])
+    log.info("1 vs 2 workers: loss/backbone %.2e, weights %.2e (relative)", *apart)
+    assert apart[0] <= 1e-4 and apart[1] <= 1e-4, (apart, curves)
+
+    folder = tmp_path_factory.mktemp("elastic")
+    _demo_params(folder, num_workers=[1, 2], worker_resources={TRAINER_SLOT: 1})
+    train = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=folder,
+                             env=env(RAY_ADDRESS=ray_head.address), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    try:
+        deadline = time.time() + 300
+        while _snapshot_epoch(str(folder / "runs" / "demo")) < 1:
+            assert train.poll() is None and time.time() < deadline, train.communicate()[0][-4000:]
+            time.sleep(0.2)
+        second_node.raylet().kill()  # the node and its worker are lost in epoch 2
+        output, _ = train.communicate(timeout=600)
+        assert train.returncode == 0, output[-4000:]
+    finally:
+        train.kill()
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    run_id = json.loads((folder / "train.json").read_text())["mlflow_run_id"]
+    workers = {m.step: m.value for m in client.get_metric_history(run_id, "epoch/perf/workers")}
+    assert workers == {1: 2, 2: 1}, workers  # epoch 1 on two workers, epoch 2 (again) on one
+    assert [m.value for m in client.get_metric_history(run_id, "resume/from_epoch")] == [1]
+    elastic = _weights_apart(models[2], folder / "model.safetensors")
+    log.info("elastic (2 workers, then 1 from epoch 1's checkpoint) vs 2 workers: weights %.2e", elastic)
+    assert elastic <= 1e-4

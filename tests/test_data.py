@@ -18,8 +18,9 @@ from PIL import Image
 from cs2fusion.config import DatasetSpec, PrepareParams, ShardParams
 from cs2fusion.data.layouts import detect_layout, discover
 from cs2fusion.data.manifest import build_manifest, select
-from cs2fusion.data.shards import TrainShards, epoch_plan, iter_eval, read_index, set_files, set_shards, write_shards
+from cs2fusion.data.shards import TrainShards, epoch_order, iter_eval, read_index, set_files, set_shards, write_shards
 from cs2fusion.io import InputError, read_image
+from cs2fusion.span import split_batch
 from tests.conftest import DATA
 
 pytestmark = pytest.mark.data  # real pairs from ../shared
@@ -161,45 +162,58 @@ def test_eval_shards_round_trip_pixels(small_manifest: dict, tmp_path: Path) -> 
     assert sorted(seen) == sorted(e["id"] for e in select(small_manifest, "rs/test"))
 
 
-def test_epoch_plan_splits_samples_for_any_cluster_shape() -> None:
-    """Sample ranges, not whole shards: 24 samples in 4 uneven shards over 3 ranks × 2 loader workers (local batch
-    2) are read once each, every rank gets 4 steps; with 25 samples one waits for another epoch."""
-    for counts, left_out in (([5, 7, 6, 6], 0), ([5, 7, 6, 7], 1)):
-        for epoch in (0, 1):
-            plan = epoch_plan(counts, world_size=3, loader_workers=2, local_batch=2, seed=3, epoch=epoch)
-            read = [(shard, k) for rank in plan for worker in rank for shard, first, end in worker
-                    for k in range(first, end)]
-            assert len(read) == len(set(read)) == sum(counts) - left_out  # disjoint; complete but the remainder
-            for rank in plan:
-                sizes = [sum(end - first for _, first, end in worker) for worker in rank]
-                assert sum(sizes) == 8 and all(size % 2 == 0 for size in sizes)  # 4 whole local batches per rank
-    one_shard = epoch_plan([10], world_size=4, loader_workers=3, local_batch=1, seed=0, epoch=0)
-    assert [sum(e - f for w in rank for _, f, e in w) for rank in one_shard] == [2, 2, 2, 2]  # 12 readers, 1 shard
+def test_epoch_order_is_the_same_for_any_cluster_shape() -> None:
+    """25 samples in 4 uneven shards, global batch 4: the order is a permutation of the samples (one left for
+    another epoch), other per epoch, and every (ranks, loader workers) shape reads each global batch's positions
+    once, rank r its part r (3 ranks: 2, 1 and 1 samples), worker w the batches w, w + workers, …"""
+    counts = [5, 7, 6, 7]
+    orders = [epoch_order(counts, seed=3, epoch=epoch, window=8) for epoch in (0, 1)]
+    for order in orders:
+        assert sorted(order.order.tolist()) == list(range(25))
+        assert all(set(order.order[k:k + 8].tolist()) == set(range(k, min(k + 8, 25))) for k in range(0, 25, 8))
+    assert orders[0].order.tolist() != orders[1].order.tolist()
+    for world, workers in ((1, 1), (2, 3), (3, 2), (4, 2)):
+        batches: dict[int, list[int]] = {}
+        firsts = np.cumsum([0, *split_batch(4, world)])
+        for rank in range(world):
+            for worker in range(workers):
+                positions = orders[0].positions(batch_size=4, world_size=world, rank=rank, worker=worker,
+                                                workers=workers)
+                for p in positions.tolist():
+                    batch, part = divmod(p, 4)
+                    assert batch % workers == worker and firsts[rank] <= part < firsts[rank + 1]
+                    batches.setdefault(batch, []).append(p)
+        assert sorted(batches) == list(range(6)) and all(sorted(v) == list(range(4 * b, 4 * b + 4))
+                                                         for b, v in batches.items())
 
 
-def test_reader_3_ranks_2_loader_workers_4_shards(small_manifest: dict, tmp_path: Path) -> None:
-    """The real reader through DataLoader workers: disjoint across every rank and worker, complete up to the
-    remainder, the same number of batches on every rank."""
-    write_shards(small_manifest, dataclasses.replace(SHARD_PARAMS, max_samples_per_shard=10_000), tmp_path)
+def test_global_batches_do_not_depend_on_ranks_or_loader_workers(small_manifest: dict, tmp_path: Path) -> None:
+    """The real reader through DataLoader workers: 1 rank × 0 loader workers, 2 × 2, 3 × 1 and 4 × 1 (global batch
+    4) give the same global batches, samples and impaired views, step by step, in two epochs; each sample once."""
+    write_shards(small_manifest, dataclasses.replace(SHARD_PARAMS, max_samples_per_shard=100), tmp_path)
     shards = set_shards(tmp_path, "train")
     total = read_index(tmp_path)["sets"]["train"]["samples"]
-    assert len(shards) == 4
-    for epoch in (0, 1):
-        keys, batches = [], []
-        for rank in range(3):
-            ds = TrainShards(shards, local_batch=3, rank=rank, world_size=3, seed=5)
+    assert len(shards) == 4 and total % 4  # uneven shards, a remainder
+
+    def global_batches(world: int, workers: int, epoch: int) -> list[tuple[list[str], torch.Tensor]]:
+        per_rank = []
+        for rank in range(world):
+            ds = TrainShards(shards, batch_size=4, rank=rank, world_size=world, seed=5, shuffle_buffer=16)
             ds.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, drop_last=True)
-            count = 0
-            for key, ir, vi, vi_imp in loader:
-                assert ir.shape == vi.shape == vi_imp.shape == (3, 1, 64, 64)
-                assert 0 <= float(ir.min()) and float(ir.max()) <= 1
-                keys += key
-                count += 1
-            assert count == ds.steps()
-            batches.append(count)
-        assert len(set(batches)) == 1 and len(keys) == len(set(keys))
-        assert 0 <= total - len(keys) < 3 * 3
+            loader = torch.utils.data.DataLoader(ds, batch_size=ds.local_batch, num_workers=workers, drop_last=True)
+            per_rank.append(list(loader))
+            assert len(per_rank[-1]) == ds.steps() == total // 4
+        return [(sum((list(r[k][0]) for r in per_rank), []), torch.cat([r[k][3] for r in per_rank]))
+                for k in range(len(per_rank[0]))]
+
+    for epoch in (0, 1):
+        reference = global_batches(1, 0, epoch)
+        keys = [key for batch, _ in reference for key in batch]
+        assert len(keys) == len(set(keys)) and 0 <= total - len(keys) < 4
+        for world, workers in ((2, 2), (3, 1), (4, 1)):  # 3: parts of 2, 1 and 1 samples
+            other = global_batches(world, workers, epoch)
+            assert [b for b, _ in other] == [b for b, _ in reference], (world, workers)
+            assert all(torch.equal(v, w) for (_, v), (_, w) in zip(other, reference))
 
 
 def test_impaired_view_seeded_per_sample_and_epoch(small_manifest: dict, tmp_path: Path) -> None:

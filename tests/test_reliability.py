@@ -265,7 +265,8 @@ def test_bad_checkpoints_are_one_line(meta, tensors, named: str, tmp_path: Path)
 
 @pytest.mark.parametrize("section, values, named", [
     ("train", {"epochs": -1}, "epochs"), ("train", {"epochs": 0}, "epochs"), ("train", {"batch_size": 0}, "batch"),
-    ("train", {"num_workers": 0}, "num_workers"), ("train", {"batch_size": 9, "num_workers": 2}, "multiple"),
+    ("train", {"num_workers": 0}, "num_workers"),
+    ("train", {"batch_size": 2, "num_workers": [1, 3]}, "every worker holds a sample"),
     ("train", {"run_name": "../x"}, "run_name"), ("shard", {"stride": 0}, "stride"),
     ("shard", {"max_samples_per_shard": 0}, "max_samples"), ("shard", {"shard_multiple": 0}, "shard_multiple"),
     ("shard", {"patch_size": -5}, "patch_size"), ("train", {"val_set": "nope/test"}, "val_set"),
@@ -484,10 +485,35 @@ def test_a_knob_added_at_its_neutral_value_keeps_a_runs_fingerprint() -> None:
                                   run_name="roadscene-l1",
                                   init_from="presets/roadscene/init/phase2-epoch12.safetensors"))
     before = "037c4b36f3d7d1f593e68b0e30248847d96af8e82a53f6e1363944c2911dc722"
-    assert fingerprint(phase3, "0" * 64) == before
+    assert fingerprint(phase3, "0" * 64, legacy=True) == before
     for knob in ("max_weight", "grad_weight"):
         other = dataclasses.replace(phase3, train=dataclasses.replace(phase3.train, **{knob: 0.5}))
-        assert fingerprint(other, "0" * 64) != before
+        assert fingerprint(other, "0" * 64, legacy=True) != before
+
+
+def test_a_run_resumes_on_another_cluster_shape(tmp_path: Path) -> None:
+    """Any cluster shape trains the same model: the worker count (or range), GPU and threads leave the fingerprint as
+    it is; a run written under the earlier rule (shape knobs in its fingerprint) is the same run and gets the new
+    fingerprint; a change of the step (here the batch) is another run."""
+    import dataclasses
+
+    from pipeline.train import FINGERPRINT_FILE, RUN_ID_FILE, fingerprint, plan_run
+
+    params = load_params(REPO / "presets" / "roadscene" / "params.yaml")
+    shape = dataclasses.replace(params.train, num_workers=(1, 8), use_gpu=True, cpus_per_worker=4.0,
+                                threads_per_worker=4, loader_workers=3)
+    other = dataclasses.replace(params, train=shape)
+    assert fingerprint(other, "0" * 64) == fingerprint(params, "0" * 64)
+    assert fingerprint(other, "0" * 64, legacy=True) != fingerprint(params, "0" * 64, legacy=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / FINGERPRINT_FILE).write_text(fingerprint(params, "0" * 64, legacy=True) + "\n")
+    (run / RUN_ID_FILE).write_text("abc\n")
+    now = fingerprint(other, "0" * 64)
+    assert plan_run(run, "must", now, legacy=fingerprint(params, "0" * 64, legacy=True)) == (True, None)
+    assert (run / FINGERPRINT_FILE).read_text().strip() == now
+    batch = dataclasses.replace(params, train=dataclasses.replace(params.train, batch_size=32))
+    assert fingerprint(batch, "0" * 64) != now
 
 
 def test_a_run_resumed_where_its_mlflow_run_is_unknown_continues_in_a_linked_run(tmp_path: Path) -> None:

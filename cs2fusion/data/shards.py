@@ -4,12 +4,14 @@ Sample layout: ``<key>.ir.png`` (grey), ``<key>.vi.png`` (training: visible lumi
 visible image as shipped, grey or RGB) and ``<key>.json`` (dataset, split, id, crop box ``[top, left, h, w]``).
 Same manifest + params → byte-identical shards: sorted input, seeded shuffles, ``mtime=0`` in every member.
 Each set is a multiple of ``shard_multiple`` shards of near-equal size; ``shards.json`` records counts, bytes and
-sha256 of every shard. The training reader splits samples, not shards, so any ranks × loader workers fit any shard
-count. A shard folder may be a path or an object-store URL (``s3://…``, :mod:`cs2fusion.storage`).
+sha256 of every shard. The training reader takes each rank's part of every global batch of one epoch order, so any
+ranks × loader workers fit any shard count and train on the same global batches. A shard folder may be a path or an
+object-store URL (``s3://…``, :mod:`cs2fusion.storage`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -33,6 +35,7 @@ from cs2fusion.data.impair import impair
 from cs2fusion.data.manifest import select, sha256_file
 from cs2fusion.data.pairs import Pair, load_pair
 from cs2fusion.io import InputError, atomic_dir, read_grey, safe_name
+from cs2fusion.span import split_batch
 
 log = logging.getLogger(__name__)
 SHARDS_VERSION = 2  # 2: keys escape '.', '_' and '/' (injective); 1 replaced them with '_' (p.1 = p_1)
@@ -270,55 +273,42 @@ def read_samples(files: list[str], *, start: int = 0, stop: int | None = None) -
             raise InputError(f"{url}: unreadable shard ({err})") from None
 
 
-Segment = tuple[int, int, int]  # (shard number, first sample, end sample)
+def epoch_steps(counts: list[int], *, batch_size: int) -> int:
+    """Global batches per epoch (the remainder, fewer than ``batch_size`` samples, waits for another epoch)."""
+    return sum(counts) // batch_size
 
 
-def epoch_steps(counts: list[int], *, world_size: int, local_batch: int) -> int:
-    """Local batches every rank runs per epoch (the same on all ranks: none waits in a collective)."""
-    return sum(counts) // world_size // local_batch
+@dataclasses.dataclass(frozen=True)
+class EpochOrder:
+    """One epoch's order of samples, a function of (seed, epoch) alone: the shards are read in ``shard_order`` as one
+    stream (shard ``shard_order[j]`` from stream position ``starts[j]``), and ``order[p]`` is the stream position of
+    the sample at global position p: each run of ``window`` stream positions is shuffled within itself."""
+
+    shard_order: np.ndarray
+    starts: np.ndarray
+    order: np.ndarray
+    window: int
+
+    def positions(self, *, batch_size: int, world_size: int, rank: int, worker: int = 0,
+                  workers: int = 1) -> np.ndarray:
+        """The global positions one (rank, loader worker) reads, ascending: rank r holds part r of every global batch
+        of ``batch_size`` (:func:`~cs2fusion.span.split_batch`); loader worker w of ``workers`` the batches w,
+        w + workers, … (the order a DataLoader takes them in)."""
+        sizes = split_batch(batch_size, world_size)
+        batches = np.arange(worker, len(self.order) // batch_size, workers)
+        return (batches[:, None] * batch_size + sum(sizes[:rank]) + np.arange(sizes[rank])).ravel()
 
 
-def epoch_plan(counts: list[int], *, world_size: int, loader_workers: int, local_batch: int, seed: int,
-               epoch: int) -> list[list[list[Segment]]]:
-    """``plan[rank][worker]``: the sample ranges each (rank, loader worker) reads in ``epoch``.
-
-    The shards, in one seeded order per epoch, form one sequence of samples; each rank takes an equal run of whole
-    local batches, cut into whole batches per loader worker. Any shard count fits any cluster shape; ranges are
-    disjoint; only the remainder (fewer than ``world_size × local_batch`` samples) waits for another epoch.
-    """
-    order = np.random.default_rng([seed, epoch]).permutation(len(counts))
-    starts = np.concatenate([[0], np.cumsum([counts[k] for k in order])])
-    steps = epoch_steps(counts, world_size=world_size, local_batch=local_batch)
-    workers = max(1, loader_workers)
-
-    def segments(first: int, end: int) -> list[Segment]:
-        out = []
-        for j, shard in enumerate(order):
-            lo, hi = max(first, int(starts[j])), min(end, int(starts[j + 1]))
-            if lo < hi:
-                out.append((int(shard), lo - int(starts[j]), hi - int(starts[j])))
-        return out
-
-    plan = []
-    for rank in range(world_size):
-        first = rank * steps * local_batch
-        ranges = []
-        for worker in range(workers):
-            batches = steps // workers + (worker < steps % workers)
-            ranges.append(segments(first, first + batches * local_batch))
-            first += batches * local_batch
-        plan.append(ranges)
-    return plan
-
-
-def _seeded_shuffle(samples: Iterator[Any], bufsize: int, rng: np.random.Generator) -> Iterator[Any]:
-    buf: list[Any] = []
-    for sample in samples:
-        buf.append(sample)
-        if len(buf) >= bufsize:
-            yield buf.pop(int(rng.integers(len(buf))))
-    while buf:
-        yield buf.pop(int(rng.integers(len(buf))))
+def epoch_order(counts: list[int], *, seed: int, epoch: int, window: int) -> EpochOrder:
+    """The global sample order of ``epoch`` (:class:`EpochOrder`): independent of ranks, loader workers and of which
+    reader reads which shard, so any cluster shape trains on the same global batches."""
+    shard_order = np.random.default_rng([seed, epoch]).permutation(len(counts))
+    sizes = np.asarray(counts, dtype=np.int64)[shard_order]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    total = int(sizes.sum())
+    order = np.concatenate([first + np.random.default_rng([seed, epoch, 1, first // window]).permutation(
+        min(window, total - first)) for first in range(0, total, window)] or [np.zeros(0, np.int64)])
+    return EpochOrder(shard_order, starts, order.astype(np.int64), window)
 
 
 def sample_seed(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -327,33 +317,41 @@ def sample_seed(seed: int, epoch: int, key: str) -> np.random.Generator:
 
 
 class TrainShards(torch.utils.data.IterableDataset):
-    """Training patches streamed from shards, split by sample across Ray ranks and DataLoader workers.
+    """Training patches streamed from shards: each rank's part of every global batch, through DataLoader workers.
 
     ``shards``: (location, sample count) pairs (:func:`set_shards`). Yields ``(key, ir, vis_y, vis_y_impaired)``:
-    tensors (1, P, P) float in [0, 1], ``steps × local_batch`` samples per rank (:func:`epoch_plan`). The impaired
-    view is made on the fly from a per-sample, per-epoch seed (a fresh cut-out every epoch; reproducible). Call
-    :meth:`set_epoch` before each epoch, as with ``DistributedSampler``.
+    tensors (1, P, P) float in [0, 1]: for ``rank`` of ``world_size``, part ``rank`` (:attr:`local_batch` samples)
+    of each global batch of ``batch_size`` samples, in the epoch's order (:func:`epoch_order`; ``shuffle_buffer``
+    samples are shuffled together), so that the global batches do not depend on the cluster's shape. Every reader
+    streams the shards once per epoch and decodes only its own samples, holding at most its part of one shuffle
+    window. The impaired view is made on the fly from a per-sample, per-epoch seed (a fresh cut-out every epoch; reproducible).
+    Call :meth:`set_epoch` before each epoch, as with ``DistributedSampler``.
     """
 
-    def __init__(self, shards: list[tuple[str, int]], *, local_batch: int = 1, rank: int = 0, world_size: int = 1,
+    def __init__(self, shards: list[tuple[str, int]], *, batch_size: int = 1, rank: int = 0, world_size: int = 1,
                  seed: int = 0, impair_params: ImpairParams = ImpairParams(), shuffle_buffer: int = 256) -> None:
         super().__init__()
         if not shards:
             raise InputError("no training shards")
-        self.shards, self.local_batch, self.rank, self.world_size = list(shards), local_batch, rank, world_size
+        self.shards, self.batch_size, self.rank, self.world_size = list(shards), batch_size, rank, world_size
         self.seed, self.impair_params, self.shuffle_buffer = seed, impair_params, shuffle_buffer
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def steps(self) -> int:
-        """Local batches every rank gets per epoch, whatever the loader workers (:func:`epoch_steps`)."""
-        return epoch_steps([n for _, n in self.shards], world_size=self.world_size, local_batch=self.local_batch)
+    @property
+    def local_batch(self) -> int:
+        """This rank's samples of each global batch (the DataLoader's batch size)."""
+        return split_batch(self.batch_size, self.world_size)[self.rank]
 
-    def _plan(self, loader_workers: int) -> list[list[list[Segment]]]:
-        return epoch_plan([n for _, n in self.shards], world_size=self.world_size, loader_workers=loader_workers,
-                          local_batch=self.local_batch, seed=self.seed, epoch=self.epoch)
+    def steps(self) -> int:
+        """Batches every rank gets per epoch, whatever the loader workers (:func:`epoch_steps`)."""
+        return epoch_steps([n for _, n in self.shards], batch_size=self.batch_size)
+
+    def order(self) -> EpochOrder:
+        """This epoch's global order (:func:`epoch_order`)."""
+        return epoch_order([n for _, n in self.shards], seed=self.seed, epoch=self.epoch, window=self.shuffle_buffer)
 
     def _decode(self, sample: dict[str, Any]) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]:
         key = sample["__key__"]
@@ -362,16 +360,35 @@ class TrainShards(torch.utils.data.IterableDataset):
         as_t = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0)[None]  # noqa: E731
         return key, as_t(ir), as_t(vi), as_t(vi_imp)
 
-    def _read(self, segments: list[Segment]) -> Iterator[dict[str, Any]]:
-        for shard, first, end in segments:
-            yield from read_samples([self.shards[shard][0]], start=first, stop=end)
+    def _stream(self, order: EpochOrder) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(stream position, raw sample) of every shard in the epoch's shard order."""
+        for first, shard in zip(order.starts, order.shard_order):
+            url, count = self.shards[shard]
+            seen = 0
+            for seen, sample in enumerate(read_samples([url], stop=count), start=1):
+                yield int(first) + seen - 1, sample
+            if seen != count:
+                raise InputError(f"{url}: {seen} samples, shards.json says {count}; rerun the shard stage")
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        mine = self._plan(num_workers)[self.rank][worker]
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        return map(self._decode, _seeded_shuffle(self._read(mine), self.shuffle_buffer, rng))
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        order = self.order()
+        mine = order.positions(batch_size=self.batch_size, world_size=self.world_size, rank=self.rank,
+                               worker=worker, workers=workers)
+        stream = self._stream(order)
+        windows = mine // order.window
+        for window in np.unique(windows):
+            positions = mine[windows == window]
+            wanted = set(order.order[positions].tolist())
+            last, held = max(wanted), {}
+            for position, sample in stream:  # one pass over the stream, window after window
+                if position in wanted:
+                    held[position] = sample
+                if position == last:
+                    break
+            for p in positions:
+                yield self._decode(held.pop(int(order.order[p])))
 
 
 def _decode_members(sample: dict[str, Any], *names: str) -> list[np.ndarray]:

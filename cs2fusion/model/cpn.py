@@ -17,6 +17,7 @@ from torch import nn
 
 from cs2fusion.config import ModelParams
 from cs2fusion.model.backbone import EncoderFeatures, conv3x3
+from cs2fusion.span import LOCAL, BatchSpan
 
 
 class CPNOutput(NamedTuple):
@@ -34,21 +35,33 @@ def _reduce_dims(x: torch.Tensor, scope: str) -> tuple[int, ...]:
     return tuple(range(1, x.dim())) if scope == "sample" else tuple(range(x.dim()))
 
 
-def minmax(x: torch.Tensor, scope: str) -> torch.Tensor:
-    """(x − min) / (max − min + 1e-10), per sample (``scope="sample"``) or over the whole tensor ("batch")."""
-    dims = _reduce_dims(x, scope)
-    lo = x.amin(dim=dims, keepdim=True)
-    hi = x.amax(dim=dims, keepdim=True)
+def _global(scope: str, span: BatchSpan) -> bool:
+    """Whether a batch-scope statistic spans other ranks' samples too."""
+    return scope == "batch" and not span.local
+
+
+def minmax(x: torch.Tensor, scope: str, span: BatchSpan = LOCAL) -> torch.Tensor:
+    """(x − min) / (max − min + 1e-10), per sample (``scope="sample"``) or over the whole tensor ("batch": over the
+    global batch of ``span``)."""
+    if _global(scope, span):
+        lo, hi = span.amin(x), span.amax(x)
+    else:
+        dims = _reduce_dims(x, scope)
+        lo = x.amin(dim=dims, keepdim=True)
+        hi = x.amax(dim=dims, keepdim=True)
     return (x - lo) / (hi - lo + 1e-10)
 
 
-def robust_minmax(x: torch.Tensor, scope: str, spread: float = 2.0) -> torch.Tensor:
+def robust_minmax(x: torch.Tensor, scope: str, spread: float = 2.0, span: BatchSpan = LOCAL) -> torch.Tensor:
     """Min-max with the range taken as mean ± ``spread``·std and the rest clamped: unlike :func:`minmax`, no handful
     of pixels sets the range, so the map cannot drift to 1 almost everywhere (its mean stays near 0.5 whatever its
     shape). A two-level input (std = half the gap) spans 0.5 ± 0.25 at spread 2 and 0–1 at spread 1."""
-    dims = _reduce_dims(x, scope)
-    mean = x.mean(dim=dims, keepdim=True)
-    std = x.std(dim=dims, keepdim=True)
+    if _global(scope, span):
+        mean, std = span.mean(x), span.std(x)
+    else:
+        dims = _reduce_dims(x, scope)
+        mean = x.mean(dim=dims, keepdim=True)
+        std = x.std(dim=dims, keepdim=True)
     return ((x - mean) / (2 * spread * std + 1e-10) + 0.5).clamp(0.0, 1.0)
 
 
@@ -56,19 +69,19 @@ MAP_NORMS = {"minmax": minmax, "robust": robust_minmax, "robust_tight": functool
              "robust_sharp": functools.partial(robust_minmax, spread=0.5)}
 
 
-def saliency_operation(e: torch.Tensor, scope: str) -> torch.Tensor:
+def saliency_operation(e: torch.Tensor, scope: str, span: BatchSpan = LOCAL) -> torch.Tensor:
     """SSO(e) = minmax(clamp(e − mean(e), 1e-10)) + softmax(f fᵀ) f + e, with f = e as (N, C, H·W)."""
     n, c, h, w = e.shape
     f = e.reshape(n, c, h * w)
     corr = torch.softmax(torch.bmm(f, f.transpose(1, 2)), dim=1)
     self_corr = torch.bmm(corr, f).reshape(n, c, h, w)
-    centred = e - e.mean(dim=_reduce_dims(e, scope), keepdim=True)
-    return minmax(centred.clamp(min=1e-10), scope) + self_corr + e
+    mean = span.mean(e) if _global(scope, span) else e.mean(dim=_reduce_dims(e, scope), keepdim=True)
+    return minmax((e - mean).clamp(min=1e-10), scope, span) + self_corr + e
 
 
-def sso_features(feats: EncoderFeatures, scope: str) -> torch.Tensor:
+def sso_features(feats: EncoderFeatures, scope: str, span: BatchSpan = LOCAL) -> torch.Tensor:
     """[SSO(e1), SSO(e2), SSO(e3), SSO(e4)] of one encoder, flattened per sample: (N, 4C·H·W)."""
-    return torch.cat([saliency_operation(e, scope) for e in feats], dim=1).flatten(1)
+    return torch.cat([saliency_operation(e, scope, span) for e in feats], dim=1).flatten(1)
 
 
 class CompensationPerceptionNetwork(nn.Module):
@@ -81,19 +94,20 @@ class CompensationPerceptionNetwork(nn.Module):
         self.conv = conv3x3(2 * enc, enc)
         self.estimator = conv3x3(enc, 1)
 
-    def forward(self, *, ir: EncoderFeatures, vis: EncoderFeatures) -> CPNOutput:
-        """ir, vis: encoder features of each branch (detached here, so no gradient reaches the backbone)."""
+    def forward(self, *, ir: EncoderFeatures, vis: EncoderFeatures, span: BatchSpan = LOCAL) -> CPNOutput:
+        """ir, vis: encoder features of each branch (detached here, so no gradient reaches the backbone); ``span``:
+        the global batch that batch-scope normalisation runs over (data-parallel training)."""
         ir = EncoderFeatures(*(t.detach() for t in ir))
         vis = EncoderFeatures(*(t.detach() for t in vis))
         scope = self.params.norm_scope
         h = F.leaky_relu(self.conv(torch.cat([ir.stacked(), vis.stacked()], dim=1)), self.params.negative_slope)
-        w_ir = MAP_NORMS[self.params.map_norm](self.estimator(h), scope)
+        w_ir = MAP_NORMS[self.params.map_norm](self.estimator(h), scope, span=span)
         w_vis = 1.0 - w_ir
         return CPNOutput(
             w_ir=w_ir,
             w_vis=w_vis,
             map_ir=(w_ir * h).flatten(1),
             map_vis=(w_vis * h).flatten(1),
-            sso_ir=sso_features(ir, scope),
-            sso_vis=sso_features(vis, scope),
+            sso_ir=sso_features(ir, scope, span),
+            sso_vis=sso_features(vis, scope, span),
         )
