@@ -324,8 +324,8 @@ class TrainShards(torch.utils.data.IterableDataset):
     of each global batch of ``batch_size`` samples, in the epoch's order (:func:`epoch_order`; ``shuffle_buffer``
     samples are shuffled together), so that the global batches do not depend on the cluster's shape. Every reader
     streams the shards once per epoch and decodes only its own samples, holding at most its part of one shuffle
-    window. The impaired view is made on the fly from a per-sample, per-epoch seed (a fresh cut-out every epoch; reproducible).
-    Call :meth:`set_epoch` before each epoch, as with ``DistributedSampler``.
+    window. The impaired view is made on the fly from a per-sample, per-epoch seed (a fresh cut-out every epoch;
+    reproducible). Call :meth:`set_epoch` before each epoch, as with ``DistributedSampler``.
     """
 
     def __init__(self, shards: list[tuple[str, int]], *, batch_size: int = 1, rank: int = 0, world_size: int = 1,
