@@ -26,21 +26,11 @@ COLLECTIVES = ("gloo:", "c10d::", "nccl:")  # profiler event names of the proces
 
 
 def _samples(patch: int) -> tuple[torch.Tensor, ...]:
-    from cs2fusion.config import ImpairParams
-    from cs2fusion.data.impair import impair
-    from cs2fusion.io import read_grey
+    from cs2fusion.data.crops import random_crops
 
-    rng = np.random.default_rng(0)
     ids = [line.split()[1] for line in (DATA / "roadscene" / "splits" / "auif_train180.txt").read_text()
            .splitlines() if line and not line.startswith("#")]
-    irs, vis, imps = [], [], []
-    for pid in rng.choice(ids, BATCH, replace=False):
-        ir, vi = (read_grey(DATA / "roadscene" / kind / f"{pid}.png") for kind in ("ir", "vi"))
-        top, left = rng.integers(ir.shape[0] - patch + 1), rng.integers(ir.shape[1] - patch + 1)
-        irs.append(ir[top:top + patch, left:left + patch])
-        vis.append(vi[top:top + patch, left:left + patch])
-        imps.append(impair(vis[-1], rng, ImpairParams()))
-    return tuple(torch.from_numpy(np.stack(a).astype(np.float32) / 255)[:, None] for a in (irs, vis, imps))
+    return random_crops(DATA / "roadscene", ids, count=BATCH, patch=patch, rng=np.random.default_rng(0))
 
 
 def _worker(rank: int, world: int, threads: int, port: int, patch: int, steps: int, out: str) -> None:

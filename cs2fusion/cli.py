@@ -71,8 +71,9 @@ def fuse(
     threads: int = typer.Option(0, min=0, help="CPU threads (0: torch's default, one per core)."),
 ) -> None:
     """Fuse one IR/visible pair or every pair of two folders matched by id; colour visible → colour output."""
-    from cs2fusion.data.pairs import Pair, find_pairs, load_pair
+    from cs2fusion.data.pairs import Pair, find_pairs, load_pair, unread_files
     from cs2fusion.inference.api import open_fuser
+    from cs2fusion.io import IMAGE_SUFFIXES
     from cs2fusion.inference.fuser import FuseOptions
     from cs2fusion.io import write_png
 
@@ -90,6 +91,10 @@ def fuse(
             pairs, outputs = [Pair(vi.stem, ir, vi)], [out]
         else:
             pairs = find_pairs(ir, vi)
+            for folder in (ir, vi):
+                if skipped := unread_files(folder):
+                    log.warning("%s: ignored %d file(s) not of an image type read (%s): %s", folder, len(skipped),
+                                ", ".join(IMAGE_SUFFIXES), ", ".join(p.name for p in skipped))
             refuse_aliasing(out, ir, vi, may_hold_sources=True)
             check_writable_folder(out)
             outputs = [out / f"{pair.id}.png" for pair in pairs]
@@ -125,8 +130,8 @@ def fuse(
 def evaluate(
     ir: Path = typer.Option(..., help="Folder of the infrared sources (<id>.png|jpg|bmp|tif)."),
     vi: Path = typer.Option(..., help="Folder of the visible sources with the same ids."),
-    fused: list[str] = typer.Option(..., help="NAME=DIR of fused <id>.png images (repeatable), or one DIR "
-                                    "(named after the folder)."),
+    fused: list[str] = typer.Option(..., help="NAME=DIR of fused <id>.png|jpg|bmp|tif images (repeatable), or one "
+                                    "DIR (named after the folder)."),
     out: Path | None = typer.Option(None, help="Write metrics.csv (per image), summary.json (means) and "
                                        "comparison.md here."),
     grid: int = typer.Option(0, min=0, help="Also write grid.png: IR | visible | each method, first N pairs."),
@@ -140,7 +145,8 @@ def evaluate(
     window, data range 2) against each source; CC, PSNR, MSE averaged over both sources. Higher is better for all
     but MSE. Means per method; best of each main metric in bold."""
     from cs2fusion.data.pairs import find_pairs, load_pair
-    from cs2fusion.evaluation import comparison_table, evaluate_pairs, summarize, write_tables
+    from cs2fusion.evaluation import (comparison_table, evaluate_pairs, fused_image, fused_images, summarize,
+                                      write_tables)
     from cs2fusion.io import read_image, write_png
     from cs2fusion.visual import grid as make_grid
 
@@ -150,6 +156,8 @@ def evaluate(
             name, sep, folder = spec.partition("=")
             path = Path(folder if sep else name)
             name = name if sep else path.resolve().name
+            if not name.strip():
+                raise InputError(f"--fused {spec}: empty method name (NAME=DIR)")
             if not path.is_dir():
                 raise InputError(f"{path}: not a folder (--fused {spec})")
             if name in methods or (baselines and name in ("mean", "max")):
@@ -161,8 +169,9 @@ def evaluate(
                               total=len(pairs))
         picture = None
         if grid:
-            picture = make_grid([[*load_pair(p), *(read_image(f / f"{p.id}.png") for f in methods.values())]
-                                 for p in pairs[:grid]])
+            images = fused_images(methods)
+            picture = make_grid([[*load_pair(p), *(read_image(fused_image(images, m, f, set_name, p.id))
+                                                   for m, f in methods.items())] for p in pairs[:grid]])
         if out:
             refuse_aliasing(out, ir, vi, *methods.values(), may_hold_sources=True)
             out.mkdir(parents=True, exist_ok=True)

@@ -416,6 +416,9 @@ def load_params(path: str | Path) -> Params:
         raise ParamsError(f"{path}{at}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{path}: expected a mapping at the top level")
+    if not data:  # every stage would silently run on the built-in defaults, over what an earlier run wrote
+        sections = ", ".join(f.name for f in dataclasses.fields(Params))
+        raise ParamsError(f"{path}: no sections (empty params file); expected some of {sections}")
     return build(Params, data, where=str(path))
 
 

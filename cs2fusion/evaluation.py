@@ -15,8 +15,9 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from cs2fusion.data.pairs import list_images
 from cs2fusion.data.shards import iter_eval
-from cs2fusion.io import InputError, read_image, write_text
+from cs2fusion.io import IMAGE_SUFFIXES, InputError, read_image, write_text
 from cs2fusion.metrics import ALL_METRICS, MAIN_METRICS, all_metrics, grey_like_reference
 
 BASELINES = {
@@ -25,17 +26,32 @@ BASELINES = {
 }
 
 
+def fused_images(fused: dict[str, Path]) -> dict[str, dict[str, Path]]:
+    """method → (id → its fused image): ``<folder>/<id>.<png|jpg|bmp|tif…>``, as methods publish them (the paper's
+    own outputs are .bmp, most repositories' .jpg); an id twice in one folder raises."""
+    return {method: list_images(folder) for method, folder in fused.items()}
+
+
+def fused_image(images: dict[str, dict[str, Path]], method: str, folder: Path, name: str, pair_id: str) -> Path:
+    """The fused image of ``pair_id`` by ``method``, or InputError naming what is missing."""
+    path = images[method].get(pair_id)
+    if path is None:
+        raise InputError(f"{folder / pair_id}.png: missing fused image for {name}/{pair_id} ({method}; no "
+                         f"{', '.join(IMAGE_SUFFIXES[1:])} of that id either)")
+    return path
+
+
 def evaluate_pairs(name: str, pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], fused: dict[str, Path],
                    *, baselines: bool = True, total: int | None = None) -> list[dict[str, Any]]:
-    """Rows (set, method, id, metrics…) for (id, ir, vi) source pairs: every method's ``<folder>/<id>.png``, plus
-    the trivial baselines. A missing fused image or one of another size raises, naming the file."""
+    """Rows (set, method, id, metrics…) for (id, ir, vi) source pairs: every method's fused image of each id
+    (:func:`fused_images`), plus the trivial baselines. A missing fused image or one of another size raises, naming
+    the file."""
     rows = []
+    images = fused_images(fused)
     for pair_id, ir_img, vi_img in tqdm(pairs, desc=f"evaluating {name}", unit="pair", total=total, disable=None):
         ir, vi = grey_like_reference(ir_img), grey_like_reference(vi_img)
         for method, folder in fused.items():
-            path = folder / f"{pair_id}.png"
-            if not path.is_file():
-                raise InputError(f"{path}: missing fused image for {name}/{pair_id}")
+            path = fused_image(images, method, folder, name, pair_id)
             f = grey_like_reference(read_image(path))
             if f.shape != ir.shape:
                 raise InputError(f"{path}: size {f.shape[1]}x{f.shape[0]} does not match the sources "

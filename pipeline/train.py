@@ -221,7 +221,8 @@ def train_loop(config: dict[str, Any]) -> None:
                                   device)
             means["perf/workers"] = world  # elastic runs change it; the step does not
             reporter.end_epoch(means)
-            metrics = {**{f"epoch/{k}": v for k, v in means.items()}, **lrs(state), "epoch": state.epoch,
+            # per-epoch values under keys of their own: the per-step lr/* are logged at global steps
+            metrics = {**{f"epoch/{k}": v for k, v in {**means, **lrs(state)}.items()}, "epoch": state.epoch,
                        "step": state.step}
             last = state.epoch == tp.epochs
             with tempfile.TemporaryDirectory() as folder:
@@ -302,10 +303,13 @@ def code_digest() -> str:
 def fingerprint(params: Params, shards_sha256: str, *, legacy: bool = False) -> str:
     """What makes two runs the same run: the model, impair and train params (less the knobs a resumed run may
     change, and the cluster's shape) and the training shards. The training code is compared separately
-    (:func:`plan_run`). ``legacy``: as written before the shape knobs were left out (such a run still resumes)."""
+    (:func:`plan_run`); the start checkpoint (``init_from``) by its bytes' sha256. ``legacy``: as written before
+    (the shape knobs in, ``init_from`` by its path as given): such a run still resumes."""
     skip = RESUMABLE_KNOBS if legacy else (*RESUMABLE_KNOBS, *SHAPE_KNOBS)
     train = {k: v for k, v in to_dict(params.train).items()
              if k not in skip and not (k in NEUTRAL_KNOBS and v == NEUTRAL_KNOBS[k])}
+    if train.get("init_from") and not legacy:  # the start's content, not its path: a moved checkout still resumes
+        train["init_from"] = "sha256:" + hashlib.sha256(storage.read_bytes(str(train["init_from"]))).hexdigest()
     what = {"model": to_dict(params.model), "impair": to_dict(params.impair), "train": train, "shards": shards_sha256}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 

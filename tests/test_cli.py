@@ -244,3 +244,44 @@ def test_cli_choices_are_the_library_s() -> None:
     from cs2fusion.inference import DEVICES, PRECISIONS
 
     assert [d.value for d in cli.Device] == list(DEVICES) and [p.value for p in cli.Precision] == list(PRECISIONS)
+
+
+def test_evaluate_reads_fused_images_as_methods_publish_them(tmp_path: Path) -> None:
+    """Folders of .bmp (the paper's own outputs) and .jpg (most repositories') are read as .png folders are, matched
+    by id: the lossless .bmp scores exactly as the .png (before: "missing fused image"). An empty method name is
+    refused in one line."""
+    import json
+
+    demo = _synth(tmp_path, pairs=3)
+    folders = {kind: tmp_path / kind for kind in ("png", "bmp", "jpg")}
+    assert CliRunner().invoke(app, ["fuse", "--ir", str(demo / "ir"), "--vi", str(demo / "vi"), "--out",
+                                    str(folders["png"])]).exit_code == 0
+    for kind in ("bmp", "jpg"):
+        folders[kind].mkdir()
+        for png in folders["png"].glob("*.png"):
+            Image.open(png).save(folders[kind] / f"{png.stem}.{kind}", quality=95)
+    specs = [f"{kind}={folder}" for kind, folder in folders.items()]
+    result = CliRunner().invoke(app, ["evaluate", "--ir", str(demo / "ir"), "--vi", str(demo / "vi"),
+                                      *sum((["--fused", s] for s in specs), []), "--out", str(tmp_path / "rep"),
+                                      "--grid", "1"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    (means,) = summary.values()
+    assert means["bmp"] == means["png"] and means["jpg"]["n"] == 3
+    assert means["jpg"]["EN"] == pytest.approx(means["png"]["EN"], rel=0.02)
+    empty = CliRunner().invoke(app, ["evaluate", "--ir", str(demo / "ir"), "--vi", str(demo / "vi"), "--fused",
+                                     f"={folders['png']}"])
+    assert empty.exit_code == 2 and "empty method name" in empty.output, empty.output
+
+
+def test_fuse_names_the_files_it_does_not_read(tmp_path: Path) -> None:
+    """A visible image as .gif beside a .png infrared one: the missing partner's message names the .gif as a type
+    not read (before: only "no visible partner")."""
+    demo = _synth(tmp_path, pairs=2)
+    gif = demo / "vi" / "demo002.gif"
+    Image.open(demo / "vi" / "demo002.png").save(gif)
+    (demo / "vi" / "demo002.png").unlink()
+    result = CliRunner().invoke(app, ["fuse", "--ir", str(demo / "ir"), "--vi", str(demo / "vi"), "--out",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 2 and f"{gif} is not an image type read" in result.output, result.output
+    assert not (tmp_path / "out").exists()

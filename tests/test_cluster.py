@@ -299,7 +299,8 @@ def test_dvc_remote_on_object_storage(s3: str, s3_server: dict[str, str], tmp_pa
 def _demo_params(folder: Path, **train: Any) -> None:
     """The repository's params.yaml (the quick start's demo data set) with ``train`` overrides, in ``folder``."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"].update({"epochs": 2, "log_every": 1, "val_set": "", "keep": "last", "max_failures": 2,
+    params["train"].update({"epochs": 2, "max_steps_per_epoch": 5, "log_every": 1, "val_set": "", "keep": "last",
+                            "max_failures": 2,
                             "init_from": str(REPO / params["train"]["init_from"]), **train})
     params["fuse"]["published"] = ""
     params["cluster"]["shared_fs"] = True  # one machine: every node sees the same paths
@@ -347,7 +348,7 @@ def test_any_cluster_shape_trains_the_same_model(ray_head: RayHead, second_node:
         history = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").get_metric_history(run_id, "loss/backbone")
         curves[workers] = [m.value for m in sorted(history, key=lambda m: m.step)]
         models[workers] = folder / "model.safetensors"
-    assert len(curves[1]) == len(curves[2]) == 18  # 2 epochs of 72 patches / 8
+    assert len(curves[1]) == len(curves[2]) == 10  # 2 epochs of 5 steps (of 9: 72 patches / 8)
     apart = max(abs(b - a) / abs(a) for a, b in zip(curves[1], curves[2])), _weights_apart(models[1], models[2])
     log.info("1 vs 2 workers: loss/backbone %.2e, weights %.2e (relative)", *apart)
     assert apart[0] <= 1e-4 and apart[1] <= 1e-4, (apart, curves)

@@ -13,9 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cs2fusion.config import ImpairParams, ModelParams, TrainParams
-from cs2fusion.data.impair import impair
-from cs2fusion.io import read_grey
+from cs2fusion.config import ModelParams, TrainParams
+from cs2fusion.data.crops import random_crops
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
 from cs2fusion.span import LOCAL, BatchSpan, split_batch
 from cs2fusion.training import build_state, train_step
@@ -35,17 +34,9 @@ SETTINGS = {
 
 def _samples() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """16 real RoadScene training patches (ir, visible Y, impaired visible Y), (16, 1, P, P) in [0, 1]."""
-    rng = np.random.default_rng(7)
     ids = [line.split()[1] for line in (DATA / "roadscene" / "splits" / "auif_train180.txt").read_text()
            .splitlines() if line and not line.startswith("#")]
-    irs, vis, imps = [], [], []
-    for pid in rng.choice(ids, BATCH, replace=False):
-        ir, vi = (read_grey(DATA / "roadscene" / kind / f"{pid}.png") for kind in ("ir", "vi"))
-        top, left = rng.integers(ir.shape[0] - PATCH + 1), rng.integers(ir.shape[1] - PATCH + 1)
-        irs.append(ir[top:top + PATCH, left:left + PATCH])
-        vis.append(vi[top:top + PATCH, left:left + PATCH])
-        imps.append(impair(vis[-1], rng, ImpairParams()))
-    return tuple(torch.from_numpy(np.stack(a).astype(np.float32) / 255)[:, None] for a in (irs, vis, imps))
+    return random_crops(DATA / "roadscene", ids, count=BATCH, patch=PATCH, rng=np.random.default_rng(7))
 
 
 Result = dict[str, Any]  # logged: each step's terms; grads: each parameter's after step 1; params: after all steps
@@ -53,8 +44,9 @@ Result = dict[str, Any]  # logged: each step's terms; grads: each parameter's af
 
 def _run(setting: str, batch: tuple[torch.Tensor, ...], *, dtype: torch.dtype, rank: int = 0, world: int = 1,
          per_rank: bool = False) -> Result:
-    """STEPS steps of ``train_step`` from the seeded nets (in ``dtype``) on this rank's part of ``batch``.
-    ``per_rank``: the batch-spanning terms over the local batch only (the train stage's algorithm before)."""
+    """Steps of ``train_step`` from the seeded nets (in ``dtype``) on this rank's part of ``batch``: STEPS in fp64,
+    one in fp32 (only its first step is compared). ``per_rank``: the batch-spanning terms over the local batch only
+    (the train stage's algorithm before)."""
     model, train = SETTINGS[setting]
     torch.manual_seed(0)
     backbone, cpn = Backbone(model).to(dtype), CompensationPerceptionNetwork(model).to(dtype)
@@ -70,7 +62,7 @@ def _run(setting: str, batch: tuple[torch.Tensor, ...], *, dtype: torch.dtype, r
              **{f"cpn.{k}": v for k, v in cpn.named_parameters()}}
     logged = [train_step(state, part, train)]
     grads = {k: v.grad.detach().clone() for k, v in named.items()}
-    logged += [train_step(state, part, train) for _ in range(STEPS - 1)]
+    logged += [train_step(state, part, train) for _ in range(STEPS - 1 if dtype == torch.float64 else 0)]
     return {"logged": logged, "grads": grads, "params": {k: v.detach().clone() for k, v in named.items()}}
 
 
@@ -112,10 +104,11 @@ def _net_grad(result: Result, net: str) -> torch.Tensor:
     return torch.cat([g.flatten() for k, g in sorted(result["grads"].items()) if k.startswith(f"{net}.")])
 
 
-def _worst(reference: Result, other: Result, steps: int = STEPS) -> dict[str, float]:
-    """The largest relative difference of a logged term (any of the first ``steps``), of a net's gradient in step 1
-    and of a parameter after all steps (tensors: ‖Δ‖ / ‖reference‖)."""
-    pairs = zip(reference["logged"][:steps], other["logged"])
+def _worst(reference: Result, other: Result) -> dict[str, float]:
+    """The largest relative difference of a logged term (any step), of a net's gradient in step 1 and of a parameter
+    after all steps (tensors: ‖Δ‖ / ‖reference‖)."""
+    assert len(reference["logged"]) == len(other["logged"])
+    pairs = zip(reference["logged"], other["logged"])
     return {"terms": max(abs(o[k] - r[k]) / max(abs(r[k]), 1e-30) for r, o in pairs for k in r),
             "grads": max(_relative(_net_grad(other, net), _net_grad(reference, net)) for net in ("backbone", "cpn")),
             "params": max(_relative(other["params"][k], p) for k, p in reference["params"].items())}
@@ -145,14 +138,13 @@ def test_global_batch_steps_match_across_world_sizes(setting: str, distributed: 
         assert set(reference["logged"][0]) >= {"loss/backbone", "loss/cpn", "loss/contrast_1", "loss/contrast_2",
                                                "loss/intensity_ir", "loss/ssim_vis"}
         for world in (2, 3, 4):
-            worst = _worst(reference, distributed[world, setting, dtype, False],
-                           steps=STEPS if dtype == torch.float64 else 1)
+            worst = _worst(reference, distributed[world, setting, dtype, False])
             log.info("%s %s, %d ranks vs 1: %s", setting, dtype, world, worst)
             if dtype == torch.float32:  # the first step's terms (see the docstring)
                 assert worst["terms"] <= 1e-5, (world, worst)
             else:
                 assert max(worst.values()) <= 1e-5, (world, worst)
-    per_rank = _worst(reference, distributed[2, setting, torch.float32, True], steps=1)
+    per_rank = _worst(reference, distributed[2, setting, torch.float32, True])
     log.info("%s, the per-rank algorithm on 2 ranks vs 1: %s", setting, per_rank)
     assert per_rank["terms"] > 1e-3 and per_rank["grads"] > 1e-3, per_rank
 

@@ -500,6 +500,8 @@ def test_a_run_resumes_on_another_cluster_shape(tmp_path: Path) -> None:
     from pipeline.train import FINGERPRINT_FILE, RUN_ID_FILE, fingerprint, plan_run
 
     params = load_params(REPO / "presets" / "roadscene" / "params.yaml")
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train,
+                                                                   init_from=str(REPO / params.train.init_from)))
     shape = dataclasses.replace(params.train, num_workers=(1, 8), use_gpu=True, cpus_per_worker=4.0,
                                 threads_per_worker=4, loader_workers=3)
     other = dataclasses.replace(params, train=shape)
@@ -635,3 +637,66 @@ def test_cluster_preflight_names_every_local_store(monkeypatch: pytest.MonkeyPat
     job = {"runtime_env": {"py_modules": ["s3://b/code.zip"], "env_vars": {"MLFLOW_TRACKING_URI": "http://x"}}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
     assert runtime_env() == {"env_vars": {"AWS_SECRET_ACCESS_KEY": "secret"}}
+
+
+# issue 38: an empty params file, a moved checkout
+
+STAGE_ARGS = {  # every stage of dvc.yaml (and the presets' ship), with its arguments
+    "synth": [], "prepare": ["--out", "data/manifest.json"],
+    "shard": ["--manifest", "data/manifest.json", "--out", "data/shards"],
+    "train": ["--shards", "data/shards", "--out", "models/model.safetensors", "--metrics", "metrics/train.json"],
+    "fuse": ["--model", "models/model.safetensors", "--shards", "data/shards", "--out", "fused"],
+    "evaluate": ["--fused", "fused", "--shards", "data/shards", "--model", "models/model.safetensors", "--metrics",
+                 "metrics/evaluate.json", "--report", "reports"],
+    "register": ["--model", "models/model.safetensors", "--evaluation", "metrics/evaluate.json", "--out",
+                 "metrics/register.json"],
+    "ship": ["--model", "models/model.safetensors", "--evaluation", "metrics/evaluate.json", "--notes", "notes.md",
+             "--out", "shipped.safetensors", "--card", "card.md"],
+}
+
+
+def test_an_empty_params_file_stops_every_stage_before_it_touches_anything(tmp_path: Path) -> None:
+    """A 0-byte params.yaml: every stage exits 2 with one line, and what earlier runs wrote stays (before: the shard
+    stage replaced data/shards with an empty set, fuse emptied fused/, register registered a version, all exit 0).
+    A file of comments only, or ``{}``, is as empty."""
+    (tmp_path / "params.yaml").write_text("")
+    for folder in ("fused", "data/shards", "models"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "earlier.bin").write_bytes(b"an earlier run's output")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for name, args in STAGE_ARGS.items():
+        proc = subprocess.run([sys.executable, "-m", f"pipeline.{name}", *args], cwd=tmp_path, env=env(),
+                              capture_output=True, text=True, timeout=120)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
+        assert errors == ["error: params.yaml: no sections (empty params file); expected some of model, impair, "
+                          "synth, prepare, shard, train, fuse, evaluate, register, tracking, cluster"], (name, errors)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    for content in ("# nothing but a comment\n", "{}\n"):
+        (tmp_path / "params.yaml").write_text(content)
+        with pytest.raises(ParamsError, match="no sections"):
+            load_params(tmp_path / "params.yaml")
+
+
+def test_a_moved_checkout_keeps_its_runs_fingerprint(tmp_path: Path) -> None:
+    """The start checkpoint enters a run's fingerprint by its content, not its absolute path: the same file in a
+    re-cloned or moved checkout is the same run (before: the run was moved aside and started over); another start
+    checkpoint is another run."""
+    import dataclasses
+    import shutil
+
+    from pipeline.train import fingerprint
+
+    params = load_params(REPO / "presets" / "roadscene" / "params.yaml")
+    init = REPO / params.train.init_from
+    prints = []
+    for checkout in ("first", "moved"):
+        copy = tmp_path / checkout / params.train.init_from
+        copy.parent.mkdir(parents=True)
+        shutil.copy(init, copy)
+        moved = dataclasses.replace(params, train=dataclasses.replace(params.train, init_from=str(copy)))
+        prints.append(fingerprint(moved, "0" * 64))
+    assert prints[0] == prints[1]
+    other = dataclasses.replace(params, train=dataclasses.replace(
+        params.train, init_from=str(REPO / "presets" / "roadscene" / "init" / "phase3-epoch20.safetensors")))
+    assert fingerprint(other, "0" * 64) != prints[0]

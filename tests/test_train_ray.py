@@ -57,6 +57,9 @@ def test_two_workers_train_and_log(shards: Path, tmp_path: Path) -> None:
                                          key=lambda m: m.step)]
     assert len(per_epoch) == 3 and per_epoch[-1] < per_epoch[0]
     assert len(client.get_metric_history(run.info.run_id, "loss/cpn")) == 9  # every step
+    # learning rates per step and per epoch on axes of their own (one key held both: step 5 had 2e-05 and 2e-06)
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "lr/backbone")) == list(range(1, 10))
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "epoch/lr/backbone")) == [1, 2, 3]
     assert client.get_metric_history(run.info.run_id, "epoch/perf/samples_per_s")[0].value > 0
     artifacts = {a.path for folder in ("", "plots", "val_samples", "model")
                  for a in client.list_artifacts(run.info.run_id, folder)}

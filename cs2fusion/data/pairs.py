@@ -43,12 +43,25 @@ def natural_key(text: str) -> tuple:
     return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t)
 
 
+def unread_files(folder: str | Path) -> list[Path]:
+    """Files directly inside ``folder`` that :func:`list_images` passes over (not an image type it reads)."""
+    return [p for p in sorted(Path(folder).iterdir()) if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES
+            and not p.name.startswith(".")]
+
+
 def match_pairs(ir_dir: str | Path, vi_dir: str | Path) -> tuple[list[Pair], list[str]]:
-    """Pairs matched by id in natural id order, and one message per image without its partner."""
+    """Pairs matched by id in natural id order, and one message per image without its partner (naming a file of
+    that id that is not a type read, where there is one)."""
     irs, vis = list_images(ir_dir), list_images(vi_dir)
+    unread = {folder: {p.stem: p for p in unread_files(folder)} for folder in (Path(ir_dir), Path(vi_dir))}
+
+    def why(i: str, folder: Path) -> str:
+        other = unread[folder].get(i)
+        return f"; {other} is not an image type read ({', '.join(IMAGE_SUFFIXES)})" if other else ""
+
     problems = [
-        f"{ids[i]}: no {kind} partner (id {i!r})"
-        for ids, other, kind in ((irs, vis, "visible"), (vis, irs, "infrared"))
+        f"{ids[i]}: no {kind} partner (id {i!r}{why(i, folder)})"
+        for ids, other, kind, folder in ((irs, vis, "visible", Path(vi_dir)), (vis, irs, "infrared", Path(ir_dir)))
         for i in sorted(set(ids) - set(other), key=natural_key)
     ]
     pairs = [Pair(i, irs[i], vis[i]) for i in sorted(set(irs) & set(vis), key=natural_key)]
