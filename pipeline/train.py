@@ -50,7 +50,7 @@ SCORE, GRID_ROWS = "val/score", 4
 RESUMABLE_KNOBS = ("resume", "epochs", "max_failures", "collective_timeout_s", "log_every", "tracking_patience_s",
                    "val_samples", "worker_resources")
 # the cluster's shape: any shape trains the same model (global-batch semantics, cs2fusion.span), so a run resumes on
-# another; fingerprints written before this rule held them (legacy_fingerprint)
+# another; fingerprints written before this rule held them (fingerprint(..., legacy=True))
 SHAPE_KNOBS = ("num_workers", "use_gpu", "cpus_per_worker", "threads_per_worker", "loader_workers")
 # knobs added after runs began, at the value that leaves the step as it was: left out of the fingerprint there, so a
 # run started before them still resumes
