@@ -31,24 +31,19 @@ class CPNOutput(NamedTuple):
     sso_vis: torch.Tensor
 
 
-def _reduce_dims(x: torch.Tensor, scope: str) -> tuple[int, ...]:
-    return tuple(range(1, x.dim())) if scope == "sample" else tuple(range(x.dim()))
-
-
-def _global(scope: str, span: BatchSpan) -> bool:
-    """Whether a batch-scope statistic spans other ranks' samples too."""
-    return scope == "batch" and not span.local
+def _stat(x: torch.Tensor, name: str, scope: str, span: BatchSpan) -> torch.Tensor:
+    """Statistic ``name`` (amin, amax, mean or std) of ``x`` per sample (``scope="sample"``) or over the whole batch
+    ("batch": the global batch of ``span``, all ranks' samples)."""
+    if scope == "batch" and not span.local:
+        return getattr(span, name)(x)
+    dims = tuple(range(1, x.dim())) if scope == "sample" else tuple(range(x.dim()))
+    return getattr(x, name)(dim=dims, keepdim=True)
 
 
 def minmax(x: torch.Tensor, scope: str, span: BatchSpan = LOCAL) -> torch.Tensor:
     """(x − min) / (max − min + 1e-10), per sample (``scope="sample"``) or over the whole tensor ("batch": over the
     global batch of ``span``)."""
-    if _global(scope, span):
-        lo, hi = span.amin(x), span.amax(x)
-    else:
-        dims = _reduce_dims(x, scope)
-        lo = x.amin(dim=dims, keepdim=True)
-        hi = x.amax(dim=dims, keepdim=True)
+    lo, hi = _stat(x, "amin", scope, span), _stat(x, "amax", scope, span)
     return (x - lo) / (hi - lo + 1e-10)
 
 
@@ -56,12 +51,7 @@ def robust_minmax(x: torch.Tensor, scope: str, spread: float = 2.0, span: BatchS
     """Min-max with the range taken as mean ± ``spread``·std and the rest clamped: unlike :func:`minmax`, no handful
     of pixels sets the range, so the map cannot drift to 1 almost everywhere (its mean stays near 0.5 whatever its
     shape). A two-level input (std = half the gap) spans 0.5 ± 0.25 at spread 2 and 0–1 at spread 1."""
-    if _global(scope, span):
-        mean, std = span.mean(x), span.std(x)
-    else:
-        dims = _reduce_dims(x, scope)
-        mean = x.mean(dim=dims, keepdim=True)
-        std = x.std(dim=dims, keepdim=True)
+    mean, std = _stat(x, "mean", scope, span), _stat(x, "std", scope, span)
     return ((x - mean) / (2 * spread * std + 1e-10) + 0.5).clamp(0.0, 1.0)
 
 
@@ -75,8 +65,7 @@ def saliency_operation(e: torch.Tensor, scope: str, span: BatchSpan = LOCAL) -> 
     f = e.reshape(n, c, h * w)
     corr = torch.softmax(torch.bmm(f, f.transpose(1, 2)), dim=1)
     self_corr = torch.bmm(corr, f).reshape(n, c, h, w)
-    mean = span.mean(e) if _global(scope, span) else e.mean(dim=_reduce_dims(e, scope), keepdim=True)
-    return minmax((e - mean).clamp(min=1e-10), scope, span) + self_corr + e
+    return minmax((e - _stat(e, "mean", scope, span)).clamp(min=1e-10), scope, span) + self_corr + e
 
 
 def sso_features(feats: EncoderFeatures, scope: str, span: BatchSpan = LOCAL) -> torch.Tensor:
