@@ -114,11 +114,17 @@ class BatchSpan:
         keys = sorted(shares)
         values = torch.stack([shares[k].detach().double().reshape(()) for k in keys])
         if not self.local:
-            import torch.distributed as dist
-
-            values = values.clone()
-            dist.all_reduce(values, group=self._group())
+            values = _all_reduced(values, self._group())
         return dict(zip(keys, values.tolist()))
+
+
+def _all_reduced(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """A contiguous copy of ``t`` summed over the ranks of ``group`` (``t`` itself is left as it was)."""
+    import torch.distributed as dist
+
+    out = t.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, group=group)
+    return out
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -126,20 +132,12 @@ class _SumOverRanks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        import torch.distributed as dist
-
         ctx.group = group
-        out = x.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, group=group)
-        return out
+        return _all_reduced(x, group)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        import torch.distributed as dist
-
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return _all_reduced(grad, ctx.group), None
 
 
 class _GatherRows(torch.autograd.Function):
@@ -173,9 +171,7 @@ class _GatherRows(torch.autograd.Function):
             out = torch.empty((width, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
             dist.reduce_scatter_tensor(out, padded, group=ctx.group)
             return out[:mine], None, None
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[first:first + mine], None, None
+        return _all_reduced(grad, ctx.group)[first:first + mine], None, None
 
 
 def _starts(sizes: tuple[int, ...]) -> list[int]:
