@@ -34,14 +34,14 @@ def _samples(patch: int) -> tuple[torch.Tensor, ...]:
 
 
 def _worker(rank: int, world: int, threads: int, port: int, patch: int, steps: int, out: str) -> None:
-    from cs2fusion.config import ModelParams, TrainParams
+    from cs2fusion.config import LossParams, ModelParams, TrainParams
     from cs2fusion.span import BatchSpan
     from cs2fusion.training import build_state, train_step
 
     torch.set_num_threads(threads)
-    model = ModelParams(norm_scope="batch", map_norm="robust_sharp")
-    train = TrainParams(batch_size=BATCH, lr_backbone=2e-4, lr_cpn=2e-5, intensity="l1", ssim_weight=150.0,
-                        max_weight=2.0, grad_weight=1.0)
+    model = ModelParams(norm_scope="batch", map_norm="robust", map_spread=0.5)
+    train = TrainParams(batch_size=BATCH, lr_backbone=2e-4, lr_cpn=2e-5,
+                        loss=LossParams(intensity="l1", ssim_weight=150.0, max_weight=2.0, grad_weight=1.0))
     torch.manual_seed(0)
     state = build_state(model, train)
     if world > 1:

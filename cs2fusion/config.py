@@ -7,12 +7,15 @@ the wrong type, so a typo in a parameter fails loudly instead of silently fallin
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 
 class ParamsError(ValueError):
@@ -26,6 +29,20 @@ def _require(checks: dict[str, bool]) -> None:
             raise ParamsError(f"{name}: out of range")
 
 
+# The main metrics, higher is better for each (cs2fusion.metrics computes them; the gate and `select` name them).
+MAIN_METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")
+# train keys of the flat layout (before train.loss / scaling / tracking): still read, into their sections
+MOVED_TRAIN_KEYS = {**{k: ("loss", k) for k in ("alpha", "impaired_weight", "intensity", "ssim_weight", "max_weight",
+                                               "grad_weight")},
+                    **{k: ("scaling", k) for k in ("num_workers", "use_gpu", "cpus_per_worker", "threads_per_worker",
+                                                  "loader_workers", "worker_resources", "max_failures",
+                                                  "collective_timeout_s")},
+                    "experiment": ("tracking", "experiment"), "log_every": ("tracking", "log_every"),
+                    "tracking_patience_s": ("tracking", "patience_s")}
+# model.map_norm names that encoded the spread (still read)
+OLD_MAP_NORMS = {"robust_tight": 1.0, "robust_sharp": 0.5}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelParams:
     """Architecture of the backbone and the CPN (defaults = the published CS2Fusion)."""
@@ -37,14 +54,26 @@ class ModelParams:
     # "batch": over the whole batch tensor, as the original release does.
     norm_scope: Literal["sample", "batch"] = "sample"
     # the CPN's map: "minmax" (the release's: its extremes set the range, so the contrastive losses can push almost
-    # every pixel to 1), "robust" (range mean ± 2 std, clamped: the map's mean stays near 0.5, but a two-level map
-    # only spans 0.25–0.75), "robust_tight" (mean ± 1 std: a two-level map spans 0–1; docs/training.md) or
-    # "robust_sharp" (mean ± 0.5 std: most pixels end at 0 or 1, a hard selection under l1 intensity terms)
-    map_norm: Literal["minmax", "robust", "robust_tight", "robust_sharp"] = "minmax"
+    # every pixel to 1) or "robust" (range mean ± map_spread·std, clamped: no handful of extremes sets it; spread 2
+    # holds a two-level map at 0.25–0.75, 1 spans 0–1, 0.5 sends most pixels to 0 or 1; docs/research/recipe.md). The old
+    # names robust_tight (spread 1) and robust_sharp (0.5) still load.
+    map_norm: Literal["minmax", "robust"] = "minmax"
+    map_spread: float = 2.0
+
+    @staticmethod
+    def upgrade(data: dict[str, Any], where: str) -> dict[str, Any]:
+        """``map_norm: robust_tight`` / ``robust_sharp`` read as ``robust`` with their spread."""
+        if data.get("map_norm") not in OLD_MAP_NORMS:
+            return data
+        spread = OLD_MAP_NORMS[data["map_norm"]]
+        if data.get("map_spread", spread) != spread:
+            raise ParamsError(f"{where}.map_norm: {data['map_norm']!r} means map_spread {spread}, "
+                              f"not {data['map_spread']}")
+        return {**data, "map_norm": "robust", "map_spread": spread}
 
     def __post_init__(self) -> None:
         _require({"channels (>= 1)": self.channels >= 1, "input_scale (> 0)": self.input_scale > 0,
-                  "negative_slope (>= 0)": self.negative_slope >= 0})
+                  "negative_slope (>= 0)": self.negative_slope >= 0, "map_spread (> 0)": self.map_spread > 0})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,77 +157,46 @@ class ShardParams:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainParams:
-    """``train`` stage: the paper's recipe by default, plus the Ray scaling and checkpoint knobs.
+class LossParams:
+    """``train.loss``: the terms of the two losses (defaults = the release's; docs/training.md)."""
 
-    ``batch_size`` is the global batch, split over ``num_workers`` (equal parts, or one sample apart where they do not
-    divide it): every term that spans the batch spans the global batch (:mod:`cs2fusion.span`), so any worker count
-    trains the same model. ``num_workers`` may be a range ``[min, max]`` (elastic: a run that loses workers
-    continues on fewer from its latest checkpoint). ``max_steps_per_epoch`` (0 = the full epoch) shortens runs.
-    ``init_from`` starts the backbone (and CPN, if stored) from a cs2fusion checkpoint. ``resume``: ``auto``
-    continues the run in ``storage_path/run_name`` from its latest checkpoint when its params, shards and training
-    code are the same (else that folder is moved aside, never deleted), ``never`` moves it aside, ``must`` continues
-    the same params and shards even across code changes (a long run) and fails without such a run.
-    ``tracking_patience_s``: how long a finished run waits for an unreachable tracking server before it writes
-    the unsent metrics beside its checkpoints. ``storage_path``: a folder or an object-store URL (``s3://…``) for
-    Ray's checkpoints and the run's state. ``worker_resources``: custom Ray resources each training worker needs
-    besides its CPUs / GPU (e.g. ``{trainer_slot: 1}`` to place workers on the nodes that offer it).
-    ``val_every`` / ``select`` / ``keep``: validation metrics of ``val_set`` every that many epochs, the score that
-    ranks checkpoints (``composite`` or one main metric; :mod:`cs2fusion.validation`) and whether the final model is
-    the best-scoring checkpoint or the last. ``precision`` / ``fast_losses``: the fast path (docs/training.md).
-    """
-
-    epochs: int = 20
-    resume: Literal["auto", "never", "must"] = "auto"
-    batch_size: int = 16
-    lr_backbone: float = 2e-3
-    lr_cpn: float = 2e-4
-    betas: tuple[float, ...] = (0.9, 0.999)
-    milestones: tuple[int, ...] = (5, 10, 15)
-    gamma: float = 0.1
+    # the contrastive losses: rank decay α and the weight k of the impaired view's term
     alpha: float = 0.25
     impaired_weight: float = 2.0
     # the backbone's intensity terms: "norm" the release's ‖w·(F − S)‖ over the batch (its minimum is a copy of the
     # more weighted source); "mse": mean of (w·(F − S))², least at the per-pixel weighted mean; "l1": mean of
-    # |w·(F − S)|, least at the per-pixel more weighted source (docs/training.md)
+    # |w·(F − S)|, least at the per-pixel more weighted source
     intensity: Literal["norm", "mse", "l1"] = "norm"
-    # weight of the two SSIM terms beside the intensity terms (the release: 1, where they barely count)
+    # λ of the two SSIM terms beside the intensity terms (the release: 1, where they barely count)
     ssim_weight: float = 1.0
-    # weight μ of a max-intensity term d(F − max(ir, vis)) (not the paper's; 0: off; docs/training.md, phase 3)
+    # μ of a max-intensity term d(F − max(ir, vis)) (not the paper's; 0: off)
     max_weight: float = 0.0
-    # weight γ of a max-gradient term |∇F| vs max(|∇ir|, |∇vis|) (not the paper's; 0: off; docs/training.md, phase 5)
+    # γ of a max-gradient term |∇F| vs max(|∇ir|, |∇vis|) (not the paper's; 0: off)
     grad_weight: float = 0.0
-    # which source the CPN's map m (first slot) goes with: "roles" infrared, "literal" visible (docs/conventions.md)
-    step_order: Literal["roles", "literal"] = "roles"
-    # fast path: bf16 forward under autocast where the hardware has bf16 (fp32 otherwise, logged); Gram similarities
-    precision: Literal["fp32", "bf16"] = "fp32"
-    fast_losses: bool = False
-    seed: int = 0
-    max_steps_per_epoch: int = 0
-    shuffle_buffer: int = 256
-    loader_workers: int = 1
-    init_from: str = ""
-    # Ray
+
+    def __post_init__(self) -> None:
+        _require({"alpha (>= 0)": self.alpha >= 0, "impaired_weight (>= 0)": self.impaired_weight >= 0,
+                  "ssim_weight (>= 0)": self.ssim_weight >= 0, "max_weight (>= 0)": self.max_weight >= 0,
+                  "grad_weight (>= 0)": self.grad_weight >= 0})
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingParams:
+    """``train.scaling``: the Ray cluster's shape for training; any shape trains the same model (docs/distributed.md).
+
+    ``num_workers`` may be a range ``[min, max]`` (elastic: a run that loses workers continues on fewer from its
+    latest checkpoint). ``worker_resources``: custom Ray resources each training worker needs besides its CPUs / GPU
+    (e.g. ``{trainer_slot: 1}`` to place workers on the nodes that offer it).
+    """
+
     num_workers: int | tuple[int, ...] = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     threads_per_worker: int = 1
-    max_failures: int = 1
-    checkpoint_every: int = 1
-    storage_path: str = "runs"
-    run_name: str = "train"
-    collective_timeout_s: int = 300
+    loader_workers: int = 1
     worker_resources: dict[str, float] = dataclasses.field(default_factory=dict)
-    # MLflow
-    experiment: str = "cs2fusion"
-    log_every: int = 10
-    val_set: str = ""
-    val_samples: int = 4
-    # validation every val_every epochs; the score that ranks checkpoints; the final model: best score or last epoch
-    val_every: int = 1
-    select: Literal["composite", "EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM"] = "composite"
-    keep: Literal["best", "last"] = "best"
-    tracking_patience_s: int = 600
+    max_failures: int = 1
+    collective_timeout_s: int = 300
 
     @property
     def worker_range(self) -> tuple[int, ...]:
@@ -211,26 +209,103 @@ class TrainParams:
 
     def __post_init__(self) -> None:
         _require({
+            "num_workers (a count >= 1, or a range [min, max] with 1 <= min <= max)":
+                len(self.worker_range) == 2 and 1 <= self.worker_range[0] <= self.worker_range[-1],
+            "cpus_per_worker (> 0)": self.cpus_per_worker > 0, "loader_workers (>= 0)": self.loader_workers >= 0,
+            "threads_per_worker (>= 1)": self.threads_per_worker >= 1, "max_failures (>= -1)": self.max_failures >= -1,
+            "collective_timeout_s (>= 1)": self.collective_timeout_s >= 1,
+            "worker_resources (amounts > 0)": all(v > 0 for v in self.worker_resources.values()),
+        })
+
+
+@dataclasses.dataclass(frozen=True)
+class RunTrackingParams:
+    """``train.tracking``: the training run's MLflow experiment, its per-step logging interval, and how long a finished
+    run waits for an unreachable tracking server before it writes the unsent metrics beside its checkpoints."""
+
+    experiment: str = "cs2fusion"
+    log_every: int = 10
+    patience_s: int = 600
+
+    def __post_init__(self) -> None:
+        _require({"log_every (>= 1)": self.log_every >= 1, "patience_s (>= 0)": self.patience_s >= 0,
+                  "experiment (not empty)": bool(self.experiment)})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    """``train`` stage: the paper's recipe by default; the losses' terms in ``loss``, the cluster in ``scaling``, the
+    MLflow run in ``tracking``.
+
+    ``batch_size`` is the global batch, split over the workers (equal parts, or one sample apart where they do not
+    divide it): every term that spans the batch spans the global batch (:mod:`cs2fusion.span`).
+    ``max_steps_per_epoch`` (0 = the full epoch) shortens runs. ``init_from`` starts the backbone (and CPN, if
+    stored) from a cs2fusion checkpoint. ``resume``: ``auto`` continues the run in ``storage_path/run_name`` from its
+    latest checkpoint when its params, shards and training code are the same (else that folder is moved aside, never
+    deleted), ``never`` moves it aside, ``must`` continues the same params and shards even across code changes (a
+    long run) and fails without such a run. ``storage_path``: a folder or an object-store URL (``s3://…``) for Ray's
+    checkpoints and the run's state. ``val_every`` / ``select`` / ``keep``: validation metrics of ``val_set`` every
+    that many epochs, the score that ranks checkpoints (``composite`` or one main metric; :mod:`cs2fusion.validation`)
+    and whether the final model is the best-scoring checkpoint or the last. ``precision`` / ``fast_losses``: the fast
+    path (docs/training.md).
+    """
+
+    epochs: int = 20
+    resume: Literal["auto", "never", "must"] = "auto"
+    batch_size: int = 16
+    lr_backbone: float = 2e-3
+    lr_cpn: float = 2e-4
+    betas: tuple[float, ...] = (0.9, 0.999)
+    milestones: tuple[int, ...] = (5, 10, 15)
+    gamma: float = 0.1
+    loss: LossParams = dataclasses.field(default_factory=LossParams)
+    # which source the CPN's map m (first slot) goes with: "roles" infrared, "literal" visible (docs/conventions.md)
+    step_order: Literal["roles", "literal"] = "roles"
+    # fast path: bf16 forward under autocast where the hardware has bf16 (fp32 otherwise, logged); Gram similarities
+    precision: Literal["fp32", "bf16"] = "fp32"
+    fast_losses: bool = False
+    seed: int = 0
+    max_steps_per_epoch: int = 0
+    shuffle_buffer: int = 256
+    init_from: str = ""
+    checkpoint_every: int = 1
+    storage_path: str = "runs"
+    run_name: str = "train"
+    val_set: str = ""
+    val_samples: int = 4
+    val_every: int = 1
+    select: Literal[("composite", *MAIN_METRICS)] = "composite"  # type: ignore[valid-type]
+    keep: Literal["best", "last"] = "best"
+    scaling: ScalingParams = dataclasses.field(default_factory=ScalingParams)
+    tracking: RunTrackingParams = dataclasses.field(default_factory=RunTrackingParams)
+
+    @staticmethod
+    def upgrade(data: dict[str, Any], where: str) -> dict[str, Any]:
+        """The flat layout (``train.alpha``, ``train.num_workers``, …) read into its sections, with a warning."""
+        data = dict(data)
+        for key in [k for k in data if k in MOVED_TRAIN_KEYS]:
+            section, name = MOVED_TRAIN_KEYS[key]
+            part = data.setdefault(section, {})
+            if not isinstance(part, dict) or name in part:
+                raise ParamsError(f"{where}.{key}: also set as {where}.{section}.{name}; keep the latter")
+            data[section] = {**part, name: data.pop(key)}
+            log.warning("%s.%s: read as %s.%s (the flat layout is deprecated)", where, key, section, name)
+        return data
+
+    def __post_init__(self) -> None:
+        _require({
             "epochs (>= 1)": self.epochs >= 1, "batch_size (>= 1)": self.batch_size >= 1,
             "lr_backbone (> 0)": self.lr_backbone > 0, "lr_cpn (> 0)": self.lr_cpn > 0,
             "betas (two values in [0, 1))": len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            "gamma (> 0)": self.gamma > 0, "ssim_weight (>= 0)": self.ssim_weight >= 0,
-            "max_weight (>= 0)": self.max_weight >= 0, "grad_weight (>= 0)": self.grad_weight >= 0,
-            "max_steps_per_epoch (>= 0)": self.max_steps_per_epoch >= 0,
-            "shuffle_buffer (>= 1)": self.shuffle_buffer >= 1, "loader_workers (>= 0)": self.loader_workers >= 0,
-            "num_workers (a count >= 1, or a range [min, max] with 1 <= min <= max)":
-                len(self.worker_range) == 2 and 1 <= self.worker_range[0] <= self.worker_range[-1],
-            "cpus_per_worker (> 0)": self.cpus_per_worker > 0,
-            "threads_per_worker (>= 1)": self.threads_per_worker >= 1, "max_failures (>= -1)": self.max_failures >= -1,
-            "checkpoint_every (>= 1)": self.checkpoint_every >= 1, "log_every (>= 1)": self.log_every >= 1,
-            "collective_timeout_s (>= 1)": self.collective_timeout_s >= 1, "val_samples (>= 0)": self.val_samples >= 0,
-            "tracking_patience_s (>= 0)": self.tracking_patience_s >= 0, "val_every (>= 1)": self.val_every >= 1,
+            "gamma (> 0)": self.gamma > 0, "max_steps_per_epoch (>= 0)": self.max_steps_per_epoch >= 0,
+            "shuffle_buffer (>= 1)": self.shuffle_buffer >= 1,
+            "checkpoint_every (>= 1)": self.checkpoint_every >= 1, "val_samples (>= 0)": self.val_samples >= 0,
+            "val_every (>= 1)": self.val_every >= 1,
             "checkpoint_every (a multiple of val_every: every checkpoint has a score)":
                 self.val_every < 1 or self.checkpoint_every % self.val_every == 0,
-            "batch_size (at least the most num_workers: every worker holds a sample)":
-                self.batch_size >= self.worker_range[-1],
+            "batch_size (at least the most scaling.num_workers: every worker holds a sample)":
+                self.batch_size >= self.scaling.worker_range[-1],
             "storage_path (not empty)": bool(self.storage_path), "run_name (a plain name)": _plain(self.run_name),
-            "worker_resources (amounts > 0)": all(v > 0 for v in self.worker_resources.values()),
         })
 
 
@@ -276,10 +351,6 @@ class EvaluateParams:
         _require({"report_samples (>= 0)": self.report_samples >= 0})
 
 
-# The main metrics (cs2fusion.metrics.MAIN_METRICS, a test checks): higher is better for each.
-GATE_METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")
-
-
 def _plain(name: str) -> bool:
     return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\")
 
@@ -293,13 +364,13 @@ class RegisterParams:
     """
 
     model_name: str = "cs2fusion"
-    gate_metrics: tuple[str, ...] = GATE_METRICS
+    gate_metrics: tuple[str, ...] = MAIN_METRICS
     min_wins: int = 5
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.gate_metrics) - set(GATE_METRICS))
+        unknown = sorted(set(self.gate_metrics) - set(MAIN_METRICS))
         if unknown or not self.gate_metrics:
-            raise ParamsError(f"register.gate_metrics: {unknown or 'empty'}; choose from {list(GATE_METRICS)} "
+            raise ParamsError(f"register.gate_metrics: {unknown or 'empty'}; choose from {list(MAIN_METRICS)} "
                               "(higher is better for each)")
         _require({f"min_wins (1 to {len(self.gate_metrics)}, the number of gate_metrics)":
                               1 <= self.min_wins <= len(self.gate_metrics),
@@ -389,6 +460,8 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
 
 def build(cls: type, data: dict[str, Any], where: str = "params") -> Any:
     """Builds dataclass ``cls`` from a mapping, recursively, rejecting unknown keys and wrong types."""
+    if hasattr(cls, "upgrade"):
+        data = cls.upgrade(data, where)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -401,9 +474,7 @@ def build(cls: type, data: dict[str, Any], where: str = "params") -> Any:
         raise ParamsError(f"{where}: {err}") from None
 
 
-def load_params(path: str | Path) -> Params:
-    """Reads ``params.yaml`` into :class:`Params`."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -419,7 +490,24 @@ def load_params(path: str | Path) -> Params:
     if not data:  # every stage would silently run on the built-in defaults, over what an earlier run wrote
         sections = ", ".join(f.name for f in dataclasses.fields(Params))
         raise ParamsError(f"{path}: no sections (empty params file); expected some of {sections}")
-    return build(Params, data, where=str(path))
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``: mappings merge key by key, anything else (lists included) replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_params(path: str | Path, *overrides: str | Path) -> Params:
+    """Reads ``params.yaml`` into :class:`Params`; each of ``overrides`` (e.g. a recipe phase's file) is merged over
+    it in turn (:func:`merge`)."""
+    data: dict[str, Any] = {}
+    for each in (path, *overrides):
+        data = merge(data, _read_yaml(Path(each)))
+    return build(Params, data, where=" + ".join(str(p) for p in (path, *overrides)))
 
 
 def to_dict(params: Any) -> dict[str, Any]:

@@ -22,8 +22,7 @@ from scipy import ndimage
 from skimage.metrics import structural_similarity
 
 from cs2fusion.color import rgb_to_grey
-
-MAIN_METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")
+from cs2fusion.config import MAIN_METRICS
 # Names the conventions below; recorded with every evaluation, so that the promotion gate compares like with like.
 METRICS_VERSION = "mmif-cddfuse-1"
 ALL_METRICS = (*MAIN_METRICS, "CC", "PSNR", "MSE")

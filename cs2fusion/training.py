@@ -122,7 +122,7 @@ def map_stats(backbone: Backbone, cpn: CompensationPerceptionNetwork, *, ir: tor
               step_order: str) -> dict[str, float]:
     """Mean of the CPN's map m (the weight of slot 1's intensity term), its share of pixels above 0.9 and its std, on
     (N, 1, H, W) inputs in [0, 1]: the map saturating towards 1 is what precedes a fused image that copies slot 1's
-    source; the std says how far it selects (docs/training.md; the published weights: 0.48, 0.14 and 0.35 on
+    source; the std says how far it selects (docs/research/recipe.md; the published weights: 0.48, 0.14 and 0.35 on
     RoadScene crops, a two-level map under ``robust`` 0.25)."""
     with torch.no_grad():
         slot1, slot2 = cpn_slots(backbone(vis_y=vis_y, ir=ir), step_order)
@@ -158,17 +158,17 @@ def train_step(state: TrainState, batch: Batch, train: TrainParams) -> dict[str,
 
     src1, src2 = (vis, ir) if literal else (ir, vis)
     lb = backbone_loss(fused, ir=src1, vis_y=src2, w_ir=main.w_ir, w_vis=main.w_vis,
-                       scale=state.backbone.params.input_scale, intensity=train.intensity,
-                       ssim_weight=train.ssim_weight, max_weight=train.max_weight,
-                       grad_weight=train.grad_weight, span=span)
+                       scale=state.backbone.params.input_scale, intensity=train.loss.intensity,
+                       ssim_weight=train.loss.ssim_weight, max_weight=train.loss.max_weight,
+                       grad_weight=train.loss.grad_weight, span=span)
     state.opt_backbone.zero_grad(set_to_none=True)
     _backward(lb["backbone"], span)
     state.opt_backbone.step()
 
     # the impaired pass replaces the visible input; the infrared features are the main pass's
     imp1, imp2 = (imp_sso_vis, main.sso_vis) if literal else (main.sso_ir, imp_sso_vis)
-    lc = contrastive_loss(main, impaired_sso_ir=imp1, impaired_sso_vis=imp2, alpha=train.alpha,
-                          impaired_weight=train.impaired_weight, gram=train.fast_losses, span=span)
+    lc = contrastive_loss(main, impaired_sso_ir=imp1, impaired_sso_vis=imp2, alpha=train.loss.alpha,
+                          impaired_weight=train.loss.impaired_weight, gram=train.fast_losses, span=span)
     state.opt_cpn.zero_grad(set_to_none=True)
     _backward(lc["cpn"], span)
     state.opt_cpn.step()

@@ -15,7 +15,6 @@ from cs2fusion.config import Params, ParamsError, load_params
 from cs2fusion.io import InputError, os_error_line
 from cs2fusion.storage import is_url
 
-
 VERBOSE_ENV = "CS2FUSION_VERBOSE"
 NOISY_LOGGERS = ("mlflow", "matplotlib", "ray", "alembic", "urllib3", "filelock")
 
@@ -38,7 +37,9 @@ def absolute(place: str | Path) -> str:
 def parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with the shared ``--params`` and ``-v`` options."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    p.add_argument("--params", type=Path, action="append",
+                   help="params file (default: params.yaml); given again, each later file is merged over the "
+                        "earlier ones (a recipe phase's overrides)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help=f"show Ray's, MLflow's and the libraries' logs too (or {VERBOSE_ENV}=1)")
     return p
@@ -46,6 +47,12 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def setup(args: argparse.Namespace) -> Params:
     """Logging on (our lines only, unless verbose), params loaded."""
+    setup_logging(args)
+    return load_params(*(args.params or [Path("params.yaml")]))
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    """Logging on: our lines only, unless ``-v``."""
     if getattr(args, "verbose", False):
         os.environ[VERBOSE_ENV] = "1"  # also for the processes this stage starts
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -54,7 +61,6 @@ def setup(args: argparse.Namespace) -> Params:
             logging.getLogger(name).setLevel(logging.WARNING)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its own level on import
-    return load_params(args.params)
 
 
 def clean_errors(main: Callable[[], None]) -> Callable[[], None]:

@@ -51,9 +51,10 @@ def _log_to_mlflow(params, model: Path, summary: dict, report: Path) -> None:
     if not run_id:
         log.warning("%s has no MLflow run id: evaluation not logged to MLflow", model)
         return
-    from pipeline.mlflow_adapter import Tracker, tracking_uri
+    from pipeline.mlflow_adapter import artifact_location, model_run, tracking_uri
 
-    tracker = Tracker(tracking_uri(params.tracking, Path.cwd()), run_id)
+    tracker = model_run(tracking_uri(params.tracking, Path.cwd()), run_id, params.train.tracking.experiment,
+                        artifact_location(params.tracking, Path.cwd()), "evaluate")
     values = {}
     for name, methods in summary.items():
         for method, metrics in methods.items():

@@ -212,29 +212,42 @@ class BufferedTracker:
             self.tracker.artifact(a, b)
             shutil.rmtree(Path(a).parent, ignore_errors=True)
 
+    def drain(self, timeout_s: float) -> bool:
+        """Waits up to ``timeout_s`` until everything buffered so far is sent (or refused); True if it was."""
+        end = time.monotonic() + timeout_s
+        with self.pending.all_tasks_done:
+            while self.pending.unfinished_tasks and (left := end - time.monotonic()) > 0:
+                self.pending.all_tasks_done.wait(left)
+            return not self.pending.unfinished_tasks
+
     def _send_all(self) -> None:
-        delay = 1.0
         while True:
             item = self.pending.get()
             if item is None:
                 return
-            while True:
-                try:
-                    self._send(item)
-                    delay = 1.0
-                    break
-                except Exception as err:  # an outage: keep the item, wait, try again
-                    if _refused(err):  # the server answered no: retrying cannot help
-                        log.warning("MLflow refused a %s for run %s, dropped: %s", item[0], self.run_id, err)
-                        break
-                    wait = min(delay, self.deadline - time.monotonic())
-                    if wait <= 0:
-                        self.unsent = [item]
-                        return
-                    log.warning("MLflow unreachable (%s); logging buffered, retrying in %.0f s",
-                                type(err).__name__, wait)
-                    time.sleep(wait)
-                    delay = min(delay * 2, 10.0)
+            self._deliver(item)
+            self.pending.task_done()
+            if self.unsent:
+                return
+
+    def _deliver(self, item: tuple) -> None:
+        """Sends one item, retrying through an outage until the close deadline (then it is kept in ``unsent``)."""
+        delay = 1.0
+        while True:
+            try:
+                self._send(item)
+                return
+            except Exception as err:  # an outage: keep the item, wait, try again
+                if _refused(err):  # the server answered no: retrying cannot help
+                    log.warning("MLflow refused a %s for run %s, dropped: %s", item[0], self.run_id, err)
+                    return
+                wait = min(delay, self.deadline - time.monotonic())
+                if wait <= 0:
+                    self.unsent = [item]
+                    return
+                log.warning("MLflow unreachable (%s); logging buffered, retrying in %.0f s", type(err).__name__, wait)
+                time.sleep(wait)
+                delay = min(delay * 2, 10.0)
 
     def close(self, timeout_s: float) -> int:
         """Waits up to ``timeout_s`` for every buffered item to be sent; spills the rest; returns how many."""
@@ -261,3 +274,27 @@ def new_run(uri: str, experiment: str, location: str | None, run_name: str) -> T
     client = MlflowClient(uri)
     run = client.create_run(experiment_id(client, experiment, location), run_name=run_name)
     return Tracker(uri, run.info.run_id)
+
+
+def run_status(tracker: Tracker) -> str | None:
+    """The run's status, or None where this tracking store has no such run (other errors propagate)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return tracker.status()
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def model_run(uri: str, run_id: str, experiment: str, location: str | None, stage: str) -> Tracker:
+    """The model's training run in this store, or, where the store lacks it (a model trained elsewhere, e.g. pulled
+    from a DVC remote), a new ``stage`` run tagged ``model_run`` with that id."""
+    tracker = Tracker(uri, run_id)
+    if run_status(tracker) is not None:
+        return tracker
+    log.info("MLflow run %s (the model's training) is not in %s: logging to a new %s run", run_id, uri, stage)
+    tracker = new_run(uri, experiment, location, stage)
+    tracker.tags({"model_run": run_id, "stage": stage})
+    return tracker

@@ -70,11 +70,12 @@ def main() -> None:
     evaluation = _read_evaluation(args.evaluation)
     ours = evaluation["sets"][evaluation["primary_set"]]["ours"]
 
-    from pipeline.mlflow_adapter import Tracker, tracking_uri
+    from pipeline.mlflow_adapter import artifact_location, model_run, tracking_uri
     from pipeline.registry import register
 
     rp = params.register
-    tracker = Tracker(tracking_uri(params.tracking, Path.cwd()), meta["mlflow_run_id"])
+    tracker = model_run(tracking_uri(params.tracking, Path.cwd()), meta["mlflow_run_id"],
+                        params.train.tracking.experiment, artifact_location(params.tracking, Path.cwd()), "register")
     decision = register(
         tracker, args.model, name=rp.model_name, evaluation={m: ours[m] for m in MAIN_METRICS if m in ours},
         judged_on={"set": evaluation["primary_set"], "metrics": evaluation["metrics_version"]},

@@ -10,6 +10,7 @@ server, stores the nodes reach) run before anything is started or moved.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -26,7 +27,7 @@ import torch
 from cs2fusion import storage
 from cs2fusion.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from cs2fusion.color import luminance
-from cs2fusion.config import Params, TrainParams, build, to_dict
+from cs2fusion.config import Params, TrainParams, build, flatten, to_dict
 from cs2fusion.data.shards import TrainShards, iter_eval, set_files, set_shards
 from cs2fusion.inference import FuseOptions, Fuser
 from cs2fusion.io import InputError, write_png, write_text
@@ -46,15 +47,9 @@ MODEL_FILE, STATE_FILE, RUN_ID_FILE = "model.safetensors", "train_state.pt", "ml
 HISTORY_FILE = "history.jsonl"
 FINGERPRINT_FILE, CODE_FILE, SPILL_FILE = "fingerprint", "code_digest", "unlogged_metrics.jsonl"
 SCORE, GRID_ROWS = "val/score", 4
-# Knobs a resumed run may change: they do not alter what the finished model is (epochs extends a run).
-RESUMABLE_KNOBS = ("resume", "epochs", "max_failures", "collective_timeout_s", "log_every", "tracking_patience_s",
-                   "val_samples", "worker_resources")
-# the cluster's shape: any shape trains the same model (global-batch semantics, cs2fusion.span), so a run resumes on
-# another; fingerprints written before this rule held them (fingerprint(..., legacy=True))
-SHAPE_KNOBS = ("num_workers", "use_gpu", "cpus_per_worker", "threads_per_worker", "loader_workers")
-# knobs added after runs began, at the value that leaves the step as it was: left out of the fingerprint there, so a
-# run started before them still resumes
-NEUTRAL_KNOBS = {"max_weight": 0.0, "grad_weight": 0.0}
+# Knobs a resumed run may change: they do not alter what the finished model is (epochs extends a run; any cluster shape
+# trains the same model: cs2fusion.span)
+RESUMABLE_KNOBS = ("train.resume", "train.epochs", "train.val_samples", "train.scaling.", "train.tracking.")
 
 
 def _init_nets(params: Params) -> tuple[Backbone, CompensationPerceptionNetwork]:
@@ -158,7 +153,7 @@ def train_loop(config: dict[str, Any]) -> None:
     tp = params.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(tp.threads_per_worker)
+    torch.set_num_threads(tp.scaling.threads_per_worker)
     device = ray.train.torch.get_device()
     quick_http()
     plain = Tracker(config["tracking_uri"], config["run_id"]) if rank == 0 else None
@@ -193,7 +188,7 @@ def train_loop(config: dict[str, Any]) -> None:
         state.span = BatchSpan.of(tp.batch_size, torch.distributed.new_group())
     dataset = TrainShards(set_shards(config["shards"], "train"), batch_size=tp.batch_size, rank=rank,
                           world_size=world, seed=tp.seed, impair_params=params.impair, shuffle_buffer=tp.shuffle_buffer)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=dataset.local_batch, num_workers=tp.loader_workers,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=dataset.local_batch, num_workers=tp.scaling.loader_workers,
                                          drop_last=True)
     val_pairs = _val_pairs(set_files(config["shards"], tp.val_set), tp.val_samples) if tp.val_set and rank == 0 else []
     val_baseline = baseline_scores(val_pairs) if val_pairs else {}
@@ -204,7 +199,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         reporter.step(step, metrics["loss/backbone"])
-        if tracker and step % tp.log_every == 0 and step > logged["loss/backbone"]:
+        if tracker and step % tp.tracking.log_every == 0 and step > logged["loss/backbone"]:
             tracker.metrics({**metrics, **lrs(state)}, step=step)
 
     finished = False
@@ -249,11 +244,13 @@ def train_loop(config: dict[str, Any]) -> None:
                     torch.save(optim_state(state), Path(folder) / STATE_FILE)
                     write_history(folder, history)
                     checkpoint = ray.train.Checkpoint.from_directory(folder)
+                if tracker:  # the epoch's metrics reach MLflow first: a sweep's scheduler may stop a trial at its report
+                    tracker.drain(10)
                 ray.train.report(metrics, checkpoint=checkpoint)
         finished = True
     finally:
         if tracker:  # a failing attempt does not wait long: Ray restarts it, or the stage fails
-            tracker.close(tp.tracking_patience_s if finished else 30)
+            tracker.close(tp.tracking.patience_s if finished else 30)
 
 
 def _checkpoint_config(tp: Any, config_class: Any) -> Any:
@@ -300,31 +297,30 @@ def code_digest() -> str:
     return digest.hexdigest()
 
 
-def fingerprint(params: Params, shards_sha256: str, *, legacy: bool = False) -> str:
-    """What makes two runs the same run: the model, impair and train params (less the knobs a resumed run may
-    change, and the cluster's shape) and the training shards. The training code is compared separately
-    (:func:`plan_run`); the start checkpoint (``init_from``) by its bytes' sha256. ``legacy``: as written before
-    (the shape knobs in, ``init_from`` by its path as given): such a run still resumes."""
-    skip = RESUMABLE_KNOBS if legacy else (*RESUMABLE_KNOBS, *SHAPE_KNOBS)
-    train = {k: v for k, v in to_dict(params.train).items()
-             if k not in skip and not (k in NEUTRAL_KNOBS and v == NEUTRAL_KNOBS[k])}
-    if train.get("init_from") and not legacy:  # the start's content, not its path: a moved checkout still resumes
-        train["init_from"] = "sha256:" + hashlib.sha256(storage.read_bytes(str(train["init_from"]))).hexdigest()
-    what = {"model": to_dict(params.model), "impair": to_dict(params.impair), "train": train, "shards": shards_sha256}
+def fingerprint(params: Params, shards_sha256: str) -> str:
+    """What makes two runs the same run: the model, impair and train params that differ from their defaults (a knob
+    added later, at its default, leaves a run's fingerprint as it was), less the knobs a resumed run may change, and
+    the training shards. The training code is compared separately (:func:`plan_run`); the start checkpoint
+    (``init_from``) by its bytes' sha256, so a moved or re-cloned checkout still resumes."""
+    sections = ("model", "impair", "train")
+    defaults = flatten({name: to_dict(getattr(Params(), name)) for name in sections})
+    knobs = flatten({name: to_dict(getattr(params, name)) for name in sections})
+    what = {k: v for k, v in knobs.items()
+            if not k.startswith(RESUMABLE_KNOBS) and (k not in defaults or v != defaults[k])}
+    if what.get("train.init_from"):
+        start = storage.read_bytes(str(what["train.init_from"]))
+        what["train.init_from"] = "sha256:" + hashlib.sha256(start).hexdigest()
+    what["shards"] = shards_sha256
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def plan_run(run_dir: str | Path, mode: str, print_: str, code: str = "", legacy: str = "") -> tuple[bool, str | None]:
+def plan_run(run_dir: str | Path, mode: str, print_: str, code: str = "") -> tuple[bool, str | None]:
     """(True, None): resume the run in ``run_dir`` (a folder or an object-store prefix); else (False, where a previous
     run there was moved aside: it is never deleted). ``auto`` resumes the same params, shards and code; ``must``
     resumes the same params and shards even where the training code changed since (a long run carried across code
-    fixes, logged), and fails otherwise. A run whose fingerprint is ``legacy`` (the same run, written by an earlier
-    rule) counts as the same and gets the current one."""
+    fixes, logged), and fails otherwise."""
     previous = storage.read_text(storage.join(run_dir, FINGERPRINT_FILE))
     previous = previous.strip() if previous is not None else None
-    if legacy and previous == legacy and storage.exists(storage.join(run_dir, RUN_ID_FILE)):
-        storage.write_text(storage.join(run_dir, FINGERPRINT_FILE), print_ + "\n")
-        previous = print_
     same = previous == print_ and storage.exists(storage.join(run_dir, RUN_ID_FILE))
     old_code = (storage.read_text(storage.join(run_dir, CODE_FILE)) or "").strip()
     if mode == "must" and not same:
@@ -360,28 +356,17 @@ def _preflight(params: Params, shards: str, uri: str, storage_root: str) -> str:
     return hashlib.sha256(storage.read_bytes(storage.join(shards, "shards.json"))).hexdigest()
 
 
-def _status_or_none(tracker: Any) -> str | None:
-    """The run's status, or None where this tracking store has no such run (other errors propagate: retried)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return tracker.status()
-    except MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-
-
-def _new_tracker(params: Params, uri: str, root: Path, shards_sha: str, run_dir: str, continues: str = "") -> Any:
+def _new_tracker(params: Params, uri: str, root: Path, shards_sha: str, run_dir: str, continues: str = "",
+                 extra: dict[str, str] | None = None) -> Any:
     """A new MLflow run for this training run (its id stored beside the checkpoints); ``continues``: the run id an
     earlier part of it logged to elsewhere."""
     from pipeline.mlflow_adapter import artifact_location, git_commit, new_run
 
     tp = params.train
-    tracker = new_run(uri, tp.experiment, artifact_location(params.tracking, root), tp.run_name)
+    tracker = new_run(uri, tp.tracking.experiment, artifact_location(params.tracking, root), tp.run_name)
     tracker.params(to_dict(params))
     tags = {"git_commit": git_commit(root), "shards_sha256": shards_sha, "stage": "train", "storage": run_dir}
-    tracker.tags({**tags, **({"continues_run": continues} if continues else {})})
+    tracker.tags({**tags, **(extra or {}), **({"continues_run": continues} if continues else {})})
     storage.write_text(storage.join(run_dir, RUN_ID_FILE), tracker.run_id)
     return tracker
 
@@ -402,14 +387,15 @@ def _mark_stale(uri: str, run_dir: str) -> None:
         log.debug("previous MLflow run not marked: %s", err)
 
 
-def fit(params: Params, *, shards: str | Path, out: str | Path, metrics_out: Path | None,
-        root: Path) -> dict[str, Any]:
+def fit(params: Params, *, shards: str | Path, out: str | Path, metrics_out: Path | None, root: Path,
+        tags: dict[str, str] | None = None, callbacks: tuple[Any, ...] = (), progress: bool = True) -> dict[str, Any]:
     """Runs the trainer and writes the final model (a path or an object-store URL); returns the final metrics (with
-    the MLflow run id)."""
+    the MLflow run id). ``tags`` go on a new MLflow run (a sweep's trial: ``mlflow.parentRunId``); ``callbacks``
+    are Ray Train callbacks (a sweep's ``TuneReportCallback``); ``progress``: the live progress line."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.mlflow_adapter import Tracker, git_commit, quick_http, retrying, tracking_uri
+    from pipeline.mlflow_adapter import Tracker, git_commit, quick_http, retrying, run_status, tracking_uri
 
     tp = params.train
     if tp.init_from:  # Ray workers run in another folder
@@ -422,23 +408,23 @@ def fit(params: Params, *, shards: str | Path, out: str | Path, metrics_out: Pat
     shards_sha = _preflight(params, shards, uri, storage_root)
 
     def patiently(call: Any, what: str) -> Any:
-        return retrying(call, what, tp.tracking_patience_s)
+        return retrying(call, what, tp.tracking.patience_s)
 
     print_, code = fingerprint(params, shards_sha), code_digest()
-    resume, aside = plan_run(run_dir, tp.resume, print_, code, legacy=fingerprint(params, shards_sha, legacy=True))
+    resume, aside = plan_run(run_dir, tp.resume, print_, code)
     if resume:
         tracker = Tracker(uri, storage.read_text(storage.join(run_dir, RUN_ID_FILE)).strip())
-        status = patiently(lambda: _status_or_none(tracker), "status")
+        status = patiently(lambda: run_status(tracker), "status")
         if status is None:  # e.g. the run's state came with the repository to a machine with another store
             log.info("MLflow run %s is not in %s: continuing in a new run tagged continues_run", tracker.run_id, uri)
-            tracker = _new_tracker(params, uri, root, shards_sha, run_dir, continues=tracker.run_id)
+            tracker = _new_tracker(params, uri, root, shards_sha, run_dir, continues=tracker.run_id, extra=tags)
         elif status != "RUNNING":
             patiently(tracker.reopen, "reopen")
         log.info("resuming run %s (MLflow run %s) from its latest checkpoint", run_dir, tracker.run_id)
     else:
         if aside:
             _mark_stale(uri, aside)
-        tracker = _new_tracker(params, uri, root, shards_sha, run_dir)
+        tracker = _new_tracker(params, uri, root, shards_sha, run_dir, extra=tags)
         storage.write_text(storage.join(run_dir, FINGERPRINT_FILE), print_ + "\n")
         storage.write_text(storage.join(run_dir, CODE_FILE), code + "\n")
     config = {"params": to_dict(params), "shards": shards, "tracking_uri": uri,
@@ -446,21 +432,22 @@ def fit(params: Params, *, shards: str | Path, out: str | Path, metrics_out: Pat
     cluster.init()
     import ray
 
-    board = ray.remote(num_cpus=0)(Board).remote()
+    board = ray.remote(num_cpus=0)(Board).remote() if progress else None
+    scaling = tp.scaling
     config["progress"] = board
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if tp.use_gpu else "gloo", timeout_s=tp.collective_timeout_s),
-        scaling_config=ScalingConfig(num_workers=tp.worker_range if tp.elastic else tp.worker_range[0],
-                                     use_gpu=tp.use_gpu,
-                                     resources_per_worker={"CPU": tp.cpus_per_worker, **tp.worker_resources}),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo", timeout_s=scaling.collective_timeout_s),
+        scaling_config=ScalingConfig(num_workers=scaling.worker_range if scaling.elastic else scaling.worker_range[0],
+                                     use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker, **scaling.worker_resources}),
         run_config=RunConfig(name=tp.run_name, storage_path=storage_root,
-                             failure_config=FailureConfig(max_failures=tp.max_failures),
-                             checkpoint_config=_checkpoint_config(tp, CheckpointConfig)),
+                             failure_config=FailureConfig(max_failures=scaling.max_failures),
+                             checkpoint_config=_checkpoint_config(tp, CheckpointConfig), callbacks=list(callbacks)),
     )
     try:
-        with Follower(board):
+        with Follower(board) if board else contextlib.nullcontext():
             result = trainer.fit()
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"

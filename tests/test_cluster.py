@@ -7,8 +7,8 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -193,9 +193,10 @@ def test_two_nodes_object_storage_and_a_lost_node(ray_head: RayHead, second_node
     port = free_port()
     server = start_mlflow_server(tmp_path, port, artifacts=storage.join(s3, "mlartifacts"), **s3_env)
     uri = f"http://127.0.0.1:{port}"
-    write_params(tmp_path, train={"epochs": 4, "max_steps_per_epoch": 0, "val_set": "", "log_every": 1,
-                                  "storage_path": storage.join(s3, "runs"), "worker_resources": {TRAINER_SLOT: 1},
-                                  "max_failures": 2},
+    write_params(tmp_path, train={"epochs": 4, "max_steps_per_epoch": 0, "val_set": "", "tracking": {"log_every": 1},
+                                  "storage_path": storage.join(s3, "runs"),
+                                  "scaling": {"num_workers": 2, "loader_workers": 0,
+                                              "worker_resources": {TRAINER_SLOT: 1}, "max_failures": 2}},
                  cluster={"shared_fs": False})
     shards = storage.join(s3, "shards")
     stage(tmp_path, "prepare", "--out", "data/manifest.json")
@@ -296,12 +297,14 @@ def test_dvc_remote_on_object_storage(s3: str, s3_server: dict[str, str], tmp_pa
     assert json.loads(run(clone, "dvc", "status", "--json")) == {}
 
 
-def _demo_params(folder: Path, **train: Any) -> None:
-    """The repository's params.yaml (the quick start's demo data set) with ``train`` overrides, in ``folder``."""
+def _demo_params(folder: Path, **scaling: Any) -> None:
+    """The repository's params.yaml (the quick start's demo data set) with ``train.scaling`` overrides, in
+    ``folder``."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"].update({"epochs": 2, "max_steps_per_epoch": 5, "log_every": 1, "val_set": "", "keep": "last",
-                            "max_failures": 2,
-                            "init_from": str(REPO / params["train"]["init_from"]), **train})
+    params["train"].update({"epochs": 2, "max_steps_per_epoch": 5, "val_set": "", "keep": "last",
+                            "init_from": str(REPO / params["train"]["init_from"])})
+    params["train"]["tracking"]["log_every"] = 1
+    params["train"]["scaling"].update({"max_failures": 2, **scaling})
     params["fuse"]["published"] = ""
     params["cluster"]["shared_fs"] = True  # one machine: every node sees the same paths
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
@@ -376,3 +379,44 @@ def test_any_cluster_shape_trains_the_same_model(ray_head: RayHead, second_node:
     elastic = _weights_apart(models[2], folder / "model.safetensors")
     log.info("elastic (2 workers, then 1 from epoch 1's checkpoint) vs 2 workers: weights %.2e", elastic)
     assert elastic <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_sweep_runs_trials_as_nested_runs_and_stops_the_worst_early(
+        ray_head: RayHead, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``pipeline.sweep`` on the demo shards (sweeps/demo.yaml: 3 learning rates × 2 epochs, 2 at a time, ASHA):
+    one parent MLflow run and 3 nested trial runs carrying their params and ``val/score``; the third trial (a rate
+    that wrecks the fine-tune) starts after the first two passed epoch 1, scores below them and is stopped there;
+    the table, the best overrides (printed and as a params patch) and the plot are written and logged."""
+
+    data = tmp_path_factory.mktemp("sweep")
+    _demo_params(data)
+    params = yaml.safe_load((data / "params.yaml").read_text())
+    params["train"].update(val_set="demo/test", keep="best")  # the quick start's validation (the metric)
+    (data / "params.yaml").write_text(yaml.safe_dump(params))
+    stage(data, "synth")
+    stage(data, "prepare", "--out", "data/manifest.json")
+    stage(data, "shard", "--manifest", "data/manifest.json", "--out", "data/shards")
+    shutil.copy(REPO / "sweeps" / "demo.yaml", data / "sweep.yaml")
+    proc = stage(data, "sweep", "sweep.yaml", RAY_ADDRESS=ray_head.address)
+    folder = data / "sweeps" / "results" / "demo-lr"
+    assert "best overrides" in proc.stderr and "lr_backbone: 0.05" not in proc.stderr.split("best overrides")[1]
+    client = MlflowClient(f"sqlite:///{data / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cs2fusion-demo").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("stage") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3 and parent.info.status == "FINISHED"
+    by_lr = {float(r.data.params["train.lr_backbone"]): r for r in children}
+    assert sorted(by_lr) == [2e-5, 2e-4, 0.05] and all("val/score" in r.data.metrics for r in children)
+    wrecked = by_lr[0.05]
+    assert wrecked.info.status == "KILLED" and wrecked.data.tags["sweep.ended"] == "stopped after epoch 1"
+    assert [m.step for m in client.get_metric_history(wrecked.info.run_id, "val/score")] == [1]
+    assert all(r.info.status == "FINISHED" for lr, r in by_lr.items() if lr != 0.05)
+    assert wrecked.data.metrics["val/score"] < min(by_lr[lr].data.metrics["val/score"] for lr in (2e-5, 2e-4))
+    table = (folder / "trials.md").read_text()
+    assert table.count("\n") == 5 and "stopped after epoch 1" in table.splitlines()[-1]
+    assert yaml.safe_load((folder / "best.yaml").read_text())["train"]["lr_backbone"] in (2e-5, 2e-4)
+    assert (folder / "curves.png").stat().st_size > 0
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.md", "best.yaml", "curves.png"} <= artifacts

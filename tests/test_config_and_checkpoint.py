@@ -18,19 +18,11 @@ from cs2fusion.model import Backbone, CompensationPerceptionNetwork
 from tests.conftest import REPO
 
 
-@pytest.mark.parametrize("path", ["params.yaml", "presets/roadscene/params.yaml"])
-def test_shipped_params_load(path: str) -> None:
-    params = load_params(REPO / path)
+def test_shipped_params_load() -> None:
+    params = load_params(REPO / "params.yaml")
     assert params.model.input_scale == 255 and Path(REPO / params.train.init_from).is_file()
-    if path == "params.yaml":  # the demo fine-tunes the shipped model gently (README, quick start)
-        assert (params.train.lr_backbone, params.train.lr_cpn) == (2e-5, 2e-4)
-    else:  # phase 5: after phase 4 (two epochs after the paper's 20), l1 terms + max and max-gradient terms on a sharp
-        train = params.train  # map, one epoch at the short runs' rate, then ×0.1
-        assert (train.intensity, params.model.map_norm) == ("l1", "robust_sharp")
-        assert (train.max_weight, train.grad_weight, train.ssim_weight) == (2.0, 1.0, 150.0)
-        assert (train.lr_backbone, train.lr_cpn, train.milestones, train.epochs) == (2e-4, 2e-5, (1,), 2)
-        assert train.init_from.endswith("phase4-epoch2.safetensors")
-        assert read_meta(REPO / train.init_from)["val_score"] > 1.2995  # phase 4's kept epoch 2, not its epoch 1
+    # the demo fine-tunes the shipped model gently (README, quick start)
+    assert (params.train.lr_backbone, params.train.lr_cpn) == (2e-5, 2e-4)
 
 
 def test_params_reject_unknown_keys_and_wrong_types(tmp_path: Path) -> None:
@@ -45,9 +37,36 @@ def test_params_reject_unknown_keys_and_wrong_types(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match="norm_scope"):
         load_params(bad)
     for knob in ("ssim_weight", "max_weight", "grad_weight"):  # a negative loss weight would train away from the term
-        bad.write_text(f"train:\n  {knob}: -0.5\n")
+        bad.write_text(f"train:\n  loss:\n    {knob}: -0.5\n")
         with pytest.raises(ParamsError, match=knob):
             load_params(bad)
+
+
+def test_the_flat_layout_and_the_old_map_names_still_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Params files and checkpoints written before ``train.loss`` / ``scaling`` / ``tracking`` and ``map_spread``
+    read as the same params; a key set both ways, or an old name with another spread, is refused."""
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text("model: {map_norm: robust_sharp}\ntrain: {intensity: l1, max_weight: 2.0, num_workers: [1, 2],\n"
+                   "        log_every: 3, tracking_patience_s: 5}\n")
+    new.write_text("model: {map_norm: robust, map_spread: 0.5}\n"
+                   "train: {loss: {intensity: l1, max_weight: 2.0}, scaling: {num_workers: [1, 2]},\n"
+                   "        tracking: {log_every: 3, patience_s: 5}}\n")
+    params = load_params(old)
+    assert params == load_params(new)
+    assert (params.model.map_norm, params.model.map_spread, params.train.loss.intensity) == ("robust", 0.5, "l1")
+    assert params.train.scaling.worker_range == (1, 2) and params.train.tracking.patience_s == 5
+    assert "train.num_workers: read as scaling.num_workers" in caplog.text
+    for text, named in (("train: {intensity: l1, loss: {intensity: mse}}", "train.intensity: also set"),
+                        ("model: {map_norm: robust_tight, map_spread: 0.5}", "means map_spread 1.0")):
+        old.write_text(text + "\n")
+        with pytest.raises(ParamsError, match=named):
+            load_params(old)
+    shipped = REPO / "cs2fusion/pretrained/roadscene.safetensors"  # as written before map_spread: robust_sharp
+    meta = {**read_meta(shipped), "model": {"channels": 16, "input_scale": 255.0, "map_norm": "robust_sharp",
+                                            "negative_slope": 0.01, "norm_scope": "batch"}}
+    save_file(load_file(str(shipped)), str(tmp_path / "old.safetensors"), metadata={"cs2fusion": json.dumps(meta)})
+    loaded = load_checkpoint(tmp_path / "old.safetensors")
+    assert (loaded.backbone.params.map_norm, loaded.backbone.params.map_spread) == ("robust", 0.5)
 
 
 def test_checkpoint_round_trip_with_metadata(tmp_path: Path) -> None:

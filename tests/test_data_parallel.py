@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cs2fusion.config import ModelParams, TrainParams
+from cs2fusion.config import LossParams, ModelParams, ScalingParams, TrainParams
 from cs2fusion.data.crops import random_crops
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
 from cs2fusion.span import LOCAL, BatchSpan, split_batch
@@ -25,9 +25,9 @@ pytestmark = pytest.mark.data
 STEPS, BATCH, PATCH = 5, 16, 32
 # the preset's step (presets/roadscene/params.yaml) and the release's (norm intensity terms, min-max map)
 SETTINGS = {
-    "preset": (ModelParams(norm_scope="batch", map_norm="robust_sharp"),
-               TrainParams(batch_size=BATCH, lr_backbone=2e-4, lr_cpn=2e-5, intensity="l1", ssim_weight=150.0,
-                           max_weight=2.0, grad_weight=1.0)),
+    "preset": (ModelParams(norm_scope="batch", map_norm="robust", map_spread=0.5),
+               TrainParams(batch_size=BATCH, lr_backbone=2e-4, lr_cpn=2e-5,
+                           loss=LossParams(intensity="l1", ssim_weight=150.0, max_weight=2.0, grad_weight=1.0))),
     "release": (ModelParams(norm_scope="batch", map_norm="minmax"), TrainParams(batch_size=BATCH)),
 }
 
@@ -195,9 +195,9 @@ def test_worker_counts_and_ranges_in_params() -> None:
     """Any count up to the batch, or a range [min, max]; a worker without a sample or an empty range is refused."""
     from cs2fusion.config import ParamsError
 
-    assert TrainParams(num_workers=3).worker_range == (3, 3) and not TrainParams(num_workers=3).elastic
-    assert TrainParams(num_workers=(1, 4)).worker_range == (1, 4) and TrainParams(num_workers=(1, 4)).elastic
+    assert ScalingParams(num_workers=3).worker_range == (3, 3) and not ScalingParams(num_workers=3).elastic
+    assert ScalingParams(num_workers=(1, 4)).worker_range == (1, 4) and ScalingParams(num_workers=(1, 4)).elastic
     for bad, why in ((17, "every worker holds a sample"), ((2, 1), "num_workers"), ((0, 2), "num_workers"),
                      ((1, 2, 3), "num_workers")):
         with pytest.raises(ParamsError, match=why):
-            TrainParams(num_workers=bad)
+            TrainParams(scaling=ScalingParams(num_workers=bad))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from cs2fusion.config import ModelParams
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
-from cs2fusion.model.cpn import MAP_NORMS, minmax, robust_minmax
+from cs2fusion.model.cpn import minmax, robust_minmax
 
 
 def test_parameter_counts_match_release() -> None:
@@ -99,15 +99,15 @@ def test_robust_map_of_a_two_level_input(spread: float, top: float) -> None:
 
 
 def test_sharp_robust_map_saturates_most_pixels() -> None:
-    """Mean ± 0.5 std (``robust_sharp``): a two-level map becomes exactly 0 and 1, and on a Gaussian map the pixels
+    """Mean ± 0.5 std (``map_spread: 0.5``): a two-level map becomes exactly 0 and 1, and on a Gaussian map the pixels
     beyond ± 0.5 std (~62 %) are clamped to 0 or 1, where ± 1 std clamps ~32 %."""
     x = torch.zeros(1, 1, 8, 8)
     x[..., :4] = 3.0
-    w = MAP_NORMS["robust_sharp"](x, "sample")
+    w = robust_minmax(x, "sample", spread=0.5)
     assert bool((w[..., :4] == 1.0).all()) and bool((w[..., 4:] == 0.0).all())
     g = torch.randn(1, 1, 256, 256, generator=torch.Generator().manual_seed(0))
-    for name, share in (("robust_sharp", 0.62), ("robust_tight", 0.32)):
-        m = MAP_NORMS[name](g, "batch")
+    for spread, share in ((0.5, 0.62), (1.0, 0.32)):
+        m = robust_minmax(g, "batch", spread=spread)
         assert float(((m == 0) | (m == 1)).float().mean()) == pytest.approx(share, abs=0.01)
 
 
@@ -116,9 +116,9 @@ def test_cpn_map_norm_choice() -> None:
     torch.manual_seed(0)
     vis, ir = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
     assert ModelParams().map_norm == "minmax"
-    for norm, normalise in (("minmax", minmax), ("robust", robust_minmax),
-                            ("robust_tight", lambda x, scope: robust_minmax(x, scope, spread=1.0))):
-        params = ModelParams(map_norm=norm)
+    for norm, spread, normalise in (("minmax", 2.0, minmax), ("robust", 2.0, robust_minmax),
+                                    ("robust", 1.0, lambda x, scope: robust_minmax(x, scope, spread=1.0))):
+        params = ModelParams(map_norm=norm, map_spread=spread)
         torch.manual_seed(1)
         net, cpn = Backbone(params), CompensationPerceptionNetwork(params)
         out = net(vis_y=vis, ir=ir)

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from cs2fusion.checkpoint import load_checkpoint
 from cs2fusion.cli import app
-from cs2fusion.config import GATE_METRICS, ModelParams, Params, ParamsError, build, load_params
+from cs2fusion.config import ModelParams, Params, ParamsError, build, load_params
 from cs2fusion.data.manifest import build_manifest, read_manifest
 from cs2fusion.data.shards import iter_eval, read_samples, set_files, write_shards
 from cs2fusion.inference import FuseOptions, Fuser
@@ -265,8 +265,8 @@ def test_bad_checkpoints_are_one_line(meta, tensors, named: str, tmp_path: Path)
 
 @pytest.mark.parametrize("section, values, named", [
     ("train", {"epochs": -1}, "epochs"), ("train", {"epochs": 0}, "epochs"), ("train", {"batch_size": 0}, "batch"),
-    ("train", {"num_workers": 0}, "num_workers"),
-    ("train", {"batch_size": 2, "num_workers": [1, 3]}, "every worker holds a sample"),
+    ("train", {"scaling": {"num_workers": 0}}, "num_workers"),
+    ("train", {"batch_size": 2, "scaling": {"num_workers": [1, 3]}}, "every worker holds a sample"),
     ("train", {"run_name": "../x"}, "run_name"), ("shard", {"stride": 0}, "stride"),
     ("shard", {"max_samples_per_shard": 0}, "max_samples"), ("shard", {"shard_multiple": 0}, "shard_multiple"),
     ("shard", {"patch_size": -5}, "patch_size"), ("train", {"val_set": "nope/test"}, "val_set"),
@@ -282,10 +282,6 @@ def test_nonsense_params_fail_at_load(section: str, values: dict, named: str, tm
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match=named):
         load_params(path)
-
-
-def test_gate_metric_names_are_the_main_metrics() -> None:
-    assert GATE_METRICS == MAIN_METRICS
 
 
 @pytest.mark.parametrize("text, named", [("train: [unclosed", "not valid YAML"), (None, "no such params file")])
@@ -398,7 +394,7 @@ def test_output_files_follow_the_umask(tmp_path: Path) -> None:
 # 6: the promotion gate fails closed
 
 
-GOOD = {m: 1.0 for m in GATE_METRICS}
+GOOD = {m: 1.0 for m in MAIN_METRICS}
 ON = {"set": "rs40/test", "metrics": "mmif-cddfuse-1"}
 
 
@@ -414,17 +410,17 @@ def _champion(evaluation: dict | None = GOOD, judged_on: dict | None = ON, versi
 @pytest.mark.parametrize("champion, promoted, reason", [
     ((None, None), True, "no champion"),
     (_champion(), False, "won 0 of 9"),
-    (_champion({m: 0.5 for m in GATE_METRICS}), True, "won 9 of 9"),
+    (_champion({m: 0.5 for m in MAIN_METRICS}), True, "won 9 of 9"),
     (_champion(evaluation=None), False, "no readable evaluation"),
     (_champion(evaluation={"EN": 0.1}), False, "no readable evaluation"),
     (("1", {"evaluation": "{not json", "judged_on": json.dumps(ON)}), False, "no readable evaluation"),
-    (_champion({m: 0.5 for m in GATE_METRICS}, judged_on=None), False, "no readable evaluation"),
-    (_champion({m: 0.5 for m in GATE_METRICS}, judged_on={**ON, "set": "other/test"}), False, "not comparable"),
+    (_champion({m: 0.5 for m in MAIN_METRICS}, judged_on=None), False, "no readable evaluation"),
+    (_champion({m: 0.5 for m in MAIN_METRICS}, judged_on={**ON, "set": "other/test"}), False, "not comparable"),
 ])
 def test_gate_fails_closed(champion: tuple, promoted: bool, reason: str) -> None:
     from pipeline.registry import judge
 
-    decision = judge(GOOD, ON, champion, list(GATE_METRICS), 5)
+    decision = judge(GOOD, ON, champion, list(MAIN_METRICS), 5)
     assert decision["promoted"] is promoted and reason in decision["reason"], decision
     assert decision["judged_on"] == ON
 
@@ -435,8 +431,8 @@ def test_gate_metrics_are_checked_before_registering(tmp_path: Path) -> None:
 
     tracker = Tracker(f"http://127.0.0.1:{free_port()}", "run")  # never reached: the check comes first
     with pytest.raises(InputError, match="no \\['SSIM'\\]"):
-        register(tracker, DEFAULT_MODEL, name="m", evaluation={m: 1.0 for m in GATE_METRICS if m != "SSIM"},
-                 judged_on=ON, gate_metrics=list(GATE_METRICS), min_wins=5, card="", tags={})
+        register(tracker, DEFAULT_MODEL, name="m", evaluation={m: 1.0 for m in MAIN_METRICS if m != "SSIM"},
+                 judged_on=ON, gate_metrics=list(MAIN_METRICS), min_wins=5, card="", tags={})
 
 
 # 4, 5, 7: runs are moved aside, never deleted; logging that cannot reach the server is kept
@@ -470,72 +466,78 @@ def test_previous_runs_are_resumed_or_moved_aside(where: str, tmp_path: Path, re
     assert storage.read_text(storage.join(aside, "checkpoint_000", "model.safetensors")) == "weights"
 
 
-def test_a_knob_added_at_its_neutral_value_keeps_a_runs_fingerprint() -> None:
-    """The preset's phase-3 params (run roadscene-l1, begun before ``train.max_weight`` and ``train.grad_weight``
-    existed) keep the fingerprint they had then, so that committed run still resumes under ``resume: must``; a
-    non-neutral value of either is another run."""
+def test_a_knob_added_at_its_default_keeps_a_runs_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fingerprint holds only what differs from the defaults: after a new knob joins the params (here a loss
+    weight), a run written before it, at its default, is the same run; a value other than the default is another."""
     import dataclasses
 
+    import pipeline.train
+    from cs2fusion.config import LossParams, TrainParams
     from pipeline.train import fingerprint
 
-    params = load_params(REPO / "presets" / "roadscene" / "params.yaml")  # phase 5's: back to phase 3's knobs
-    phase3 = dataclasses.replace(
-        params, model=dataclasses.replace(params.model, map_norm="robust_tight"),
-        train=dataclasses.replace(params.train, max_weight=0.0, grad_weight=0.0, milestones=(3,),
-                                  run_name="roadscene-l1",
-                                  init_from="presets/roadscene/init/phase2-epoch12.safetensors"))
-    before = "037c4b36f3d7d1f593e68b0e30248847d96af8e82a53f6e1363944c2911dc722"
-    assert fingerprint(phase3, "0" * 64, legacy=True) == before
-    for knob in ("max_weight", "grad_weight"):
-        other = dataclasses.replace(phase3, train=dataclasses.replace(phase3.train, **{knob: 0.5}))
-        assert fingerprint(other, "0" * 64, legacy=True) != before
+    params = load_params(REPO / "presets" / "roadscene" / "params.yaml")
+    before = fingerprint(params, "0" * 64)
+    later = dataclasses.make_dataclass("LaterLoss", [("new_weight", float, 0.0)], bases=(LossParams,), frozen=True)
+    monkeypatch.setattr(pipeline.train, "Params", lambda: Params(train=TrainParams(loss=later())))
+
+    def with_new(value: float) -> Params:
+        loss = later(**dataclasses.asdict(params.train.loss), new_weight=value)
+        return dataclasses.replace(params, train=dataclasses.replace(params.train, loss=loss))
+
+    assert fingerprint(with_new(0.0), "0" * 64) == before
+    assert fingerprint(with_new(0.5), "0" * 64) != before
 
 
 def test_a_run_resumes_on_another_cluster_shape(tmp_path: Path) -> None:
-    """Any cluster shape trains the same model: the worker count (or range), GPU and threads leave the fingerprint as
-    it is; a run written under the earlier rule (shape knobs in its fingerprint) is the same run and gets the new
-    fingerprint; a change of the step (here the batch) is another run."""
+    """Any cluster shape trains the same model: the worker count (or range), GPU, threads and the tracking knobs leave
+    the fingerprint as it is, so the run resumes; a change of the step (here the batch) is another run."""
     import dataclasses
 
+    from cs2fusion.config import RunTrackingParams, ScalingParams
     from pipeline.train import FINGERPRINT_FILE, RUN_ID_FILE, fingerprint, plan_run
 
-    params = load_params(REPO / "presets" / "roadscene" / "params.yaml")
+    params = load_params(REPO / "params.yaml")  # starts from the shipped model
     params = dataclasses.replace(params, train=dataclasses.replace(params.train,
                                                                    init_from=str(REPO / params.train.init_from)))
-    shape = dataclasses.replace(params.train, num_workers=(1, 8), use_gpu=True, cpus_per_worker=4.0,
-                                threads_per_worker=4, loader_workers=3)
+    shape = dataclasses.replace(params.train, scaling=ScalingParams(num_workers=(1, 8), use_gpu=True,
+                                                                    cpus_per_worker=4.0, threads_per_worker=4,
+                                                                    loader_workers=3),
+                                tracking=RunTrackingParams(experiment="elsewhere", log_every=1))
     other = dataclasses.replace(params, train=shape)
     assert fingerprint(other, "0" * 64) == fingerprint(params, "0" * 64)
-    assert fingerprint(other, "0" * 64, legacy=True) != fingerprint(params, "0" * 64, legacy=True)
     run = tmp_path / "run"
     run.mkdir()
-    (run / FINGERPRINT_FILE).write_text(fingerprint(params, "0" * 64, legacy=True) + "\n")
+    (run / FINGERPRINT_FILE).write_text(fingerprint(params, "0" * 64) + "\n")
     (run / RUN_ID_FILE).write_text("abc\n")
-    now = fingerprint(other, "0" * 64)
-    assert plan_run(run, "must", now, legacy=fingerprint(params, "0" * 64, legacy=True)) == (True, None)
-    assert (run / FINGERPRINT_FILE).read_text().strip() == now
+    assert plan_run(run, "must", fingerprint(other, "0" * 64)) == (True, None)
     batch = dataclasses.replace(params, train=dataclasses.replace(params.train, batch_size=32))
-    assert fingerprint(batch, "0" * 64) != now
+    assert fingerprint(batch, "0" * 64) != fingerprint(params, "0" * 64)
 
 
 def test_a_run_resumed_where_its_mlflow_run_is_unknown_continues_in_a_linked_run(tmp_path: Path) -> None:
-    """A run's state carried to another machine (e.g. committed under a preset) names an MLflow run that store lacks:
-    the stage opens a new run tagged ``continues_run`` and stores its id beside the checkpoints."""
+    """A run's state carried to another machine (e.g. pulled from a DVC remote) names an MLflow run that store lacks:
+    the stage opens a new run tagged ``continues_run`` and stores its id beside the checkpoints; evaluate and
+    register, given a model whose training run the store lacks, log to a new run tagged ``model_run``."""
     from mlflow.tracking import MlflowClient
 
     from cs2fusion import storage
-    from pipeline.mlflow_adapter import Tracker
-    from pipeline.train import RUN_ID_FILE, _new_tracker, _status_or_none
+    from pipeline.mlflow_adapter import Tracker, model_run, run_status
+    from pipeline.train import RUN_ID_FILE, _new_tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert _status_or_none(Tracker(uri, "0123456789abcdef0123456789abcdef")) is None
+    assert run_status(Tracker(uri, "0123456789abcdef0123456789abcdef")) is None
     params = build(Params, {"tracking": {"artifact_root": str(tmp_path / "artifacts")}})
     run_dir = str(tmp_path / "runs" / "train")
     tracker = _new_tracker(params, uri, tmp_path, "ab" * 32, run_dir, continues="0123456789abcdef")
-    assert _status_or_none(tracker) == "RUNNING"
+    assert run_status(tracker) == "RUNNING"
     assert storage.read_text(storage.join(run_dir, RUN_ID_FILE)) == tracker.run_id
     tags = MlflowClient(uri).get_run(tracker.run_id).data.tags
     assert tags["continues_run"] == "0123456789abcdef" and tags["storage"] == run_dir
+    # evaluate and register log to the model's training run, or (a model pulled from elsewhere) to a linked new run
+    assert model_run(uri, tracker.run_id, "cs2fusion", None, "evaluate").run_id == tracker.run_id
+    elsewhere = model_run(uri, "0123456789abcdef0123456789abcdef", "cs2fusion", None, "evaluate")
+    tags = MlflowClient(uri).get_run(elsewhere.run_id).data.tags
+    assert elsewhere.run_id != tracker.run_id and tags["model_run"] == "0123456789abcdef0123456789abcdef"
 
 
 def test_the_kept_checkpoint_is_the_best_scored_or_the_last() -> None:
@@ -687,7 +689,10 @@ def test_a_moved_checkout_keeps_its_runs_fingerprint(tmp_path: Path) -> None:
 
     from pipeline.train import fingerprint
 
-    params = load_params(REPO / "presets" / "roadscene" / "params.yaml")
+    from cs2fusion.checkpoint import save_checkpoint
+    from cs2fusion.model import Backbone
+
+    params = load_params(REPO / "params.yaml")  # starts from the shipped model
     init = REPO / params.train.init_from
     prints = []
     for checkout in ("first", "moved"):
@@ -697,6 +702,7 @@ def test_a_moved_checkout_keeps_its_runs_fingerprint(tmp_path: Path) -> None:
         moved = dataclasses.replace(params, train=dataclasses.replace(params.train, init_from=str(copy)))
         prints.append(fingerprint(moved, "0" * 64))
     assert prints[0] == prints[1]
-    other = dataclasses.replace(params, train=dataclasses.replace(
-        params.train, init_from=str(REPO / "presets" / "roadscene" / "init" / "phase3-epoch20.safetensors")))
+    save_checkpoint(tmp_path / "other.safetensors", Backbone())
+    other = dataclasses.replace(params, train=dataclasses.replace(params.train,
+                                                                  init_from=str(tmp_path / "other.safetensors")))
     assert fingerprint(other, "0" * 64) != prints[0]

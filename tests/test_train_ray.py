@@ -51,7 +51,7 @@ def test_two_workers_train_and_log(shards: Path, tmp_path: Path) -> None:
     client = _client(tmp_path)
     run = client.get_run(final["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.num_workers"] == "2" and run.data.params["train.lr_backbone"] == "0.002"
+    assert run.data.params["train.scaling.num_workers"] == "2" and run.data.params["train.lr_backbone"] == "0.002"
     assert len(run.data.tags["git_commit"]) >= 7 and len(run.data.tags["shards_sha256"]) == 64
     per_epoch = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "epoch/loss/backbone"),
                                          key=lambda m: m.step)]

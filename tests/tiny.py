@@ -17,8 +17,8 @@ TINY: dict[str, Any] = {
     "prepare": {"datasets": [{"name": "tno", "root": str(DATA / "tno40"), "ratio": {"train": 0.75, "test": 0.25}}]},
     "shard": {"train": ["tno/train"], "eval": ["tno/test"], "patch_size": 32, "stride": 96,
               "max_patches_per_image": 2, "max_samples_per_shard": 16},
-    "train": {"epochs": 3, "batch_size": 4, "num_workers": 2, "loader_workers": 0, "log_every": 1,
-              "val_set": "tno/test", "val_samples": 1, "max_steps_per_epoch": 3},
+    "train": {"epochs": 3, "batch_size": 4, "scaling": {"num_workers": 2, "loader_workers": 0},
+              "tracking": {"log_every": 1}, "val_set": "tno/test", "val_samples": 1, "max_steps_per_epoch": 3},
     "cluster": {"shared_fs": True},  # the tests' Ray clusters run on this one machine
 }
 

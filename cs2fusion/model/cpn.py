@@ -8,7 +8,6 @@ The input order of its first conv follows the release's training script: [infrar
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -55,8 +54,6 @@ def robust_minmax(x: torch.Tensor, scope: str, spread: float = 2.0, span: BatchS
     return ((x - mean) / (2 * spread * std + 1e-10) + 0.5).clamp(0.0, 1.0)
 
 
-MAP_NORMS = {"minmax": minmax, "robust": robust_minmax, "robust_tight": functools.partial(robust_minmax, spread=1.0),
-             "robust_sharp": functools.partial(robust_minmax, spread=0.5)}
 
 
 def saliency_operation(e: torch.Tensor, scope: str, span: BatchSpan = LOCAL) -> torch.Tensor:
@@ -90,7 +87,11 @@ class CompensationPerceptionNetwork(nn.Module):
         vis = EncoderFeatures(*(t.detach() for t in vis))
         scope = self.params.norm_scope
         h = F.leaky_relu(self.conv(torch.cat([ir.stacked(), vis.stacked()], dim=1)), self.params.negative_slope)
-        w_ir = MAP_NORMS[self.params.map_norm](self.estimator(h), scope, span=span)
+        raw = self.estimator(h)
+        if self.params.map_norm == "robust":
+            w_ir = robust_minmax(raw, scope, self.params.map_spread, span=span)
+        else:
+            w_ir = minmax(raw, scope, span=span)
         w_vis = 1.0 - w_ir
         return CPNOutput(
             w_ir=w_ir,
