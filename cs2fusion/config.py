@@ -55,8 +55,8 @@ class ModelParams:
     norm_scope: Literal["sample", "batch"] = "sample"
     # the CPN's map: "minmax" (the release's: its extremes set the range, so the contrastive losses can push almost
     # every pixel to 1) or "robust" (range mean ± map_spread·std, clamped: no handful of extremes sets it; spread 2
-    # holds a two-level map at 0.25–0.75, 1 spans 0–1, 0.5 sends most pixels to 0 or 1; docs/research/recipe.md). The old
-    # names robust_tight (spread 1) and robust_sharp (0.5) still load.
+    # holds a two-level map at 0.25–0.75, 1 spans 0–1, 0.5 sends most pixels to 0 or 1; docs/research/recipe.md).
+    # The old names robust_tight (spread 1) and robust_sharp (0.5) still load.
     map_norm: Literal["minmax", "robust"] = "minmax"
     map_spread: float = 2.0
 

@@ -25,7 +25,6 @@ from pipeline.common import absolute, clean_errors, setup_logging
 
 log = logging.getLogger("pipeline.sweep")
 SEARCHES = ("grid", "choice", "uniform", "loguniform")
-PLUMBING = ("spec", "base", "root", "parent", "folder")  # what a trial's config carries besides its overrides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +94,7 @@ def trial_params(base: dict[str, Any], overrides: dict[str, Any], run_name: str,
 
 
 def load_spec(path: Path) -> SweepSpec:
+    """Reads a sweep file into :class:`SweepSpec` (unknown keys and wrong types refused, as for params)."""
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
@@ -112,22 +112,22 @@ def _search_space(spec: SweepSpec) -> dict[str, Any]:
     return {key: make[kind](values) for key, search in spec.space.items() for kind, values in search.items()}
 
 
-def _trial(config: dict[str, Any]) -> None:
-    """One trial (inside a Tune trial actor): the train stage on the trial's params, reporting to Tune."""
+def _trial(overrides: dict[str, Any], context: dict[str, Any]) -> None:
+    """One trial (inside a Tune trial actor): the train stage on the sweep's base params with the trial's
+    ``overrides`` (its Tune config), reporting to Tune; ``context``: the sweep's spec, base params, folders and parent
+    MLflow run."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.train import fit
 
-    spec = build(SweepSpec, config["spec"])
-    overrides = {k: v for k, v in config.items() if k not in PLUMBING}
+    spec, root, folder = build(SweepSpec, context["spec"]), Path(context["root"]), Path(context["folder"])
     trial = tune.get_context().get_trial_id()
-    params = trial_params(config["base"], overrides, f"{spec.name}-{trial}", str(Path(config["folder"]) / "runs"))
-    tags = {"mlflow.parentRunId": config["parent"], "sweep": spec.name, "sweep.trial": trial,
+    params = trial_params(context["base"], overrides, f"{spec.name}-{trial}", str(folder / "runs"))
+    tags = {"mlflow.parentRunId": context["parent"], "sweep": spec.name, "sweep.trial": trial,
             "sweep.overrides": json.dumps(overrides, sort_keys=True, default=str)}
-    fit(params, shards=absolute(Path(config["root"]) / spec.shards), out=Path(config["folder"]) / "models" /
-        f"{trial}.safetensors", metrics_out=None, root=Path(config["root"]), tags=tags,
-        callbacks=(TuneReportCallback(),), progress=False)
+    fit(params, shards=absolute(root / spec.shards), out=folder / "models" / f"{trial}.safetensors", metrics_out=None,
+        root=root, tags=tags, callbacks=(TuneReportCallback(),), progress=False)
 
 
 def _rows(results: Any, spec: SweepSpec, epochs: int, scope: str) -> list[dict[str, Any]]:
@@ -141,7 +141,7 @@ def _rows(results: Any, spec: SweepSpec, epochs: int, scope: str) -> list[dict[s
         score = (pick(values) if scope == "all" else values[-1]) if values else float("nan")
         done = int((result.metrics or {}).get("epoch", 0))
         status = "error" if result.error else ("finished" if done >= epochs else f"stopped after epoch {done}")
-        overrides = {k: v for k, v in result.config.items() if k not in PLUMBING}
+        overrides = dict(result.config)
         trial = (result.metrics or {}).get("trial_id") or result.path.rsplit("/", 1)[-1]
         rows.append({"trial": trial, "overrides": overrides, "status": status,
                      "score": score, "curve": curve, "error": str(result.error or "")[:200]})
@@ -229,13 +229,13 @@ def run_sweep(spec: SweepSpec, *, root: Path) -> dict[str, Any]:
             log.info("trial %s ended (%d of %d trials done)", trial.trial_id, done, len(trials))
 
     cluster.init()
+    context = {"spec": to_dict(spec), "base": data, "root": str(root), "parent": parent.run_id, "folder": str(folder)}
     try:
         tuner = tune.Tuner(
             # a trial only drives its Ray Train controller, whose workers claim the CPUs / GPUs: it asks for a token
             # amount of memory (Tune refuses a trial that asks for nothing)
-            tune.with_resources(_trial, {"CPU": 0, "memory": 1}),
-            param_space={**_search_space(spec), "spec": to_dict(spec), "base": data, "root": str(root),
-                         "parent": parent.run_id, "folder": str(folder)},
+            tune.with_resources(tune.with_parameters(_trial, context=context), {"CPU": 0, "memory": 1}),
+            param_space=_search_space(spec),
             tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler,
                                         num_samples=spec.samples, max_concurrent_trials=spec.concurrency),
             run_config=tune.RunConfig(name=spec.name, storage_path=str(folder / "tune"), verbose=0,

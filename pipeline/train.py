@@ -244,7 +244,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     torch.save(optim_state(state), Path(folder) / STATE_FILE)
                     write_history(folder, history)
                     checkpoint = ray.train.Checkpoint.from_directory(folder)
-                if tracker:  # the epoch's metrics reach MLflow first: a sweep's scheduler may stop a trial at its report
+                if tracker:  # the epoch's metrics reach MLflow first: a sweep's scheduler may stop a trial at once
                     tracker.drain(10)
                 ray.train.report(metrics, checkpoint=checkpoint)
         finished = True

@@ -14,12 +14,11 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import psutil
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -31,7 +30,7 @@ from cs2fusion.data.manifest import build_manifest
 from cs2fusion.data.shards import TrainShards, iter_eval, read_index, set_shards, write_shards
 from cs2fusion.io import InputError, read_image
 from tests.conftest import DATA, REPO, TRAINER_SLOT, RayHead, free_port, start_mlflow_server
-from tests.tiny import TINY, env, stage, write_params
+from tests.tiny import TINY, demo_params, env, stage, write_params
 
 log = logging.getLogger(__name__)
 pytestmark = [pytest.mark.cluster, pytest.mark.data]  # in the "ray" xdist group by their fixtures (ray_head, s3)
@@ -297,19 +296,6 @@ def test_dvc_remote_on_object_storage(s3: str, s3_server: dict[str, str], tmp_pa
     assert json.loads(run(clone, "dvc", "status", "--json")) == {}
 
 
-def _demo_params(folder: Path, **scaling: Any) -> None:
-    """The repository's params.yaml (the quick start's demo data set) with ``train.scaling`` overrides, in
-    ``folder``."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"].update({"epochs": 2, "max_steps_per_epoch": 5, "val_set": "", "keep": "last",
-                            "init_from": str(REPO / params["train"]["init_from"])})
-    params["train"]["tracking"]["log_every"] = 1
-    params["train"]["scaling"].update({"max_failures": 2, **scaling})
-    params["fuse"]["published"] = ""
-    params["cluster"]["shared_fs"] = True  # one machine: every node sees the same paths
-    (folder / "params.yaml").write_text(yaml.safe_dump(params))
-
-
 def _weights(model: Path) -> dict[str, torch.Tensor]:
     ckpt = load_checkpoint(model, with_cpn=True)
     return {**{f"backbone.{k}": v for k, v in ckpt.backbone.state_dict().items()},
@@ -336,7 +322,7 @@ def test_any_cluster_shape_trains_the_same_model(ray_head: RayHead, second_node:
     the second node is lost mid-epoch 2, the run continues on 1 worker from epoch 1's checkpoint and ends with the
     same weights within 1e-4."""
     data = tmp_path_factory.mktemp("demo")
-    _demo_params(data)
+    demo_params(data)
     stage(data, "synth")
     stage(data, "prepare", "--out", "data/manifest.json")
     stage(data, "shard", "--manifest", "data/manifest.json", "--out", "data/shards")
@@ -345,7 +331,7 @@ def test_any_cluster_shape_trains_the_same_model(ray_head: RayHead, second_node:
     curves, models = {}, {}
     for workers in (1, 2):
         folder = tmp_path_factory.mktemp(f"workers{workers}")
-        _demo_params(folder, num_workers=workers)
+        demo_params(folder, num_workers=workers)
         stage(folder, "train", *args, RAY_ADDRESS=ray_head.address)
         run_id = json.loads((folder / "train.json").read_text())["mlflow_run_id"]
         history = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").get_metric_history(run_id, "loss/backbone")
@@ -357,7 +343,7 @@ def test_any_cluster_shape_trains_the_same_model(ray_head: RayHead, second_node:
     assert apart[0] <= 1e-4 and apart[1] <= 1e-4, (apart, curves)
 
     folder = tmp_path_factory.mktemp("elastic")
-    _demo_params(folder, num_workers=[1, 2], worker_resources={TRAINER_SLOT: 1})
+    demo_params(folder, num_workers=[1, 2], worker_resources={TRAINER_SLOT: 1})
     train = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=folder,
                              env=env(RAY_ADDRESS=ray_head.address), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
@@ -380,43 +366,3 @@ def test_any_cluster_shape_trains_the_same_model(ray_head: RayHead, second_node:
     log.info("elastic (2 workers, then 1 from epoch 1's checkpoint) vs 2 workers: weights %.2e", elastic)
     assert elastic <= 1e-4
 
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_a_sweep_runs_trials_as_nested_runs_and_stops_the_worst_early(
-        ray_head: RayHead, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """``pipeline.sweep`` on the demo shards (sweeps/demo.yaml: 3 learning rates × 2 epochs, 2 at a time, ASHA):
-    one parent MLflow run and 3 nested trial runs carrying their params and ``val/score``; the third trial (a rate
-    that wrecks the fine-tune) starts after the first two passed epoch 1, scores below them and is stopped there;
-    the table, the best overrides (printed and as a params patch) and the plot are written and logged."""
-
-    data = tmp_path_factory.mktemp("sweep")
-    _demo_params(data)
-    params = yaml.safe_load((data / "params.yaml").read_text())
-    params["train"].update(val_set="demo/test", keep="best")  # the quick start's validation (the metric)
-    (data / "params.yaml").write_text(yaml.safe_dump(params))
-    stage(data, "synth")
-    stage(data, "prepare", "--out", "data/manifest.json")
-    stage(data, "shard", "--manifest", "data/manifest.json", "--out", "data/shards")
-    shutil.copy(REPO / "sweeps" / "demo.yaml", data / "sweep.yaml")
-    proc = stage(data, "sweep", "sweep.yaml", RAY_ADDRESS=ray_head.address)
-    folder = data / "sweeps" / "results" / "demo-lr"
-    assert "best overrides" in proc.stderr and "lr_backbone: 0.05" not in proc.stderr.split("best overrides")[1]
-    client = MlflowClient(f"sqlite:///{data / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("cs2fusion-demo").experiment_id])
-    (parent,) = [r for r in runs if r.data.tags.get("stage") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 3 and parent.info.status == "FINISHED"
-    by_lr = {float(r.data.params["train.lr_backbone"]): r for r in children}
-    assert sorted(by_lr) == [2e-5, 2e-4, 0.05] and all("val/score" in r.data.metrics for r in children)
-    wrecked = by_lr[0.05]
-    assert wrecked.info.status == "KILLED" and wrecked.data.tags["sweep.ended"] == "stopped after epoch 1"
-    assert [m.step for m in client.get_metric_history(wrecked.info.run_id, "val/score")] == [1]
-    assert all(r.info.status == "FINISHED" for lr, r in by_lr.items() if lr != 0.05)
-    assert wrecked.data.metrics["val/score"] < min(by_lr[lr].data.metrics["val/score"] for lr in (2e-5, 2e-4))
-    table = (folder / "trials.md").read_text()
-    assert table.count("\n") == 5 and "stopped after epoch 1" in table.splitlines()[-1]
-    assert yaml.safe_load((folder / "best.yaml").read_text())["train"]["lr_backbone"] in (2e-5, 2e-4)
-    assert (folder / "curves.png").stat().st_size > 0
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"trials.md", "best.yaml", "curves.png"} <= artifacts

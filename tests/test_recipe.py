@@ -41,8 +41,8 @@ def test_each_phase_starts_from_the_previous_phases_model() -> None:
     out."""
     stages = _stages()
     assert [s for s in stages if s.startswith("phase")] == PHASES
-    previous = None
-    for name in PHASES:
+    previous = ""
+    for number, name in enumerate(PHASES):
         stage = stages[name]
         files = _option(stage["cmd"], "--params")
         assert files == [f"{PRESET}/params.yaml", f"{PRESET}/phases/{name[5:]}.yaml"]
@@ -50,13 +50,12 @@ def test_each_phase_starts_from_the_previous_phases_model() -> None:
         train = load_params(*(REPO / f for f in files)).train
         model = _option(stage["cmd"], "--out")[0]
         assert model in _outs(stage)
-        if previous is None:
-            assert train.init_from == ""
-        else:
-            assert train.init_from == previous and previous in stage["deps"] and previous in _outs(stages[prev_name])
+        assert train.init_from == previous
+        if number:
+            assert previous in stage["deps"] and previous in _outs(stages[PHASES[number - 1]])
         state = f"{train.storage_path}/{train.run_name}"
         assert {state: {"persist": True}} in stage["outs"]
-        previous, prev_name = model, name
+        previous = model
     for later in ("fuse", "evaluate", "register", "ship"):
         assert _option(stages[later]["cmd"], "--model") in ([previous], [])
     assert _option(stages["fuse"]["cmd"], "--model") == [previous]

@@ -608,9 +608,26 @@ def test_unsent_metrics_are_spilled_not_lost(tmp_path: Path) -> None:
     for step in range(3):
         buffered.metrics({"loss": float(step)}, step=step)  # returns at once: the sender thread does the waiting
     assert time.monotonic() - start < 1
+    assert not buffered.drain(1.0)  # an epoch's end waits a bounded time for an unreachable server, then trains on
     assert buffered.close(timeout_s=2) == 3
     lines = [json.loads(line) for line in spill.read_text().splitlines()]
     assert [(x["data"], x["step_or_folder"]) for x in lines] == [({"loss": float(s)}, s) for s in range(3)]
+
+
+def test_drain_returns_once_the_buffered_metrics_are_in_the_store(tmp_path: Path) -> None:
+    """What the epoch's end relies on before it reports (a sweep's scheduler may stop the trial right after)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.mlflow_adapter import BufferedTracker, new_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    buffered = BufferedTracker(new_run(uri, "e", str(tmp_path / "artifacts"), "r"), tmp_path / "spill.jsonl")
+    for step in range(3):
+        buffered.metrics({"val/score": float(step)}, step=step)
+    assert buffered.drain(30)
+    history = MlflowClient(uri).get_metric_history(buffered.run_id, "val/score")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(3)]
+    assert buffered.close(timeout_s=5) == 0
 
 
 def test_cluster_preflight_names_every_local_store(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,15 +1,20 @@
-"""Sweep files: each one's trials build valid params before anything runs (a typo fails here, not in a trial)."""
+"""Sweeps: each sweep file's trials build valid params before anything runs (a typo fails here, not in a trial); a real
+sweep on the demo shards (Ray Tune over the train stage's trainer, nested MLflow runs, ASHA)."""
 
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
+from mlflow.tracking import MlflowClient
 
 from cs2fusion.config import ParamsError
 from pipeline.sweep import base_params, load_spec, nested, trial_params
 from tests.conftest import REPO
+from tests.tiny import demo_params, stage
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 
@@ -46,3 +51,43 @@ def test_overrides_nest_and_merge_and_bad_searches_are_refused(tmp_path: Path, m
     bad.write_text("name: x\nfixed: {train.loss.max_weigth: 1.0}\n")
     with pytest.raises(ParamsError, match="max_weigth"):
         base_params(load_spec(bad), REPO)
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_a_sweep_runs_trials_as_nested_runs_and_stops_the_worst_early(tmp_path: Path) -> None:
+    """``pipeline.sweep`` on the demo shards (sweeps/demo.yaml: 3 learning rates × 2 epochs, 2 at a time, ASHA):
+    one parent MLflow run and 3 nested trial runs carrying their params and ``val/score``; the third trial (a rate
+    that wrecks the fine-tune) starts after the first two passed epoch 1, scores below them and is stopped there;
+    the table, the best overrides (printed and as a params patch) and the plot are written and logged."""
+
+    data = tmp_path
+    demo_params(data)
+    params = yaml.safe_load((data / "params.yaml").read_text())
+    params["train"].update(val_set="demo/test", keep="best")  # the quick start's validation (the metric)
+    (data / "params.yaml").write_text(yaml.safe_dump(params))
+    stage(data, "synth")
+    stage(data, "prepare", "--out", "data/manifest.json")
+    stage(data, "shard", "--manifest", "data/manifest.json", "--out", "data/shards")
+    shutil.copy(REPO / "sweeps" / "demo.yaml", data / "sweep.yaml")
+    proc = stage(data, "sweep", "sweep.yaml")  # a local Ray instance of its own
+    folder = data / "sweeps" / "results" / "demo-lr"
+    assert "best overrides" in proc.stderr and "lr_backbone: 0.05" not in proc.stderr.split("best overrides")[1]
+    client = MlflowClient(f"sqlite:///{data / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cs2fusion-demo").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("stage") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3 and parent.info.status == "FINISHED"
+    by_lr = {float(r.data.params["train.lr_backbone"]): r for r in children}
+    assert sorted(by_lr) == [2e-5, 2e-4, 0.05] and all("val/score" in r.data.metrics for r in children)
+    wrecked = by_lr[0.05]
+    assert wrecked.info.status == "KILLED" and wrecked.data.tags["sweep.ended"] == "stopped after epoch 1"
+    assert [m.step for m in client.get_metric_history(wrecked.info.run_id, "val/score")] == [1]
+    assert all(r.info.status == "FINISHED" for lr, r in by_lr.items() if lr != 0.05)
+    assert wrecked.data.metrics["val/score"] < min(by_lr[lr].data.metrics["val/score"] for lr in (2e-5, 2e-4))
+    table = (folder / "trials.md").read_text()
+    assert table.count("\n") == 5 and "stopped after epoch 1" in table.splitlines()[-1]
+    assert yaml.safe_load((folder / "best.yaml").read_text())["train"]["lr_backbone"] in (2e-5, 2e-4)
+    assert (folder / "curves.png").stat().st_size > 0
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.md", "best.yaml", "curves.png"} <= artifacts

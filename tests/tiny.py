@@ -67,3 +67,16 @@ def prepare_and_shard(folder: Path) -> Path:
     stage(folder, "prepare", "--out", "data/manifest.json")
     stage(folder, "shard", "--manifest", "data/manifest.json", "--out", "data/shards")
     return folder / "data" / "shards"
+
+
+def demo_params(folder: Path, **scaling: Any) -> None:
+    """The repository's params.yaml (the quick start's demo data set) with ``train.scaling`` overrides, in
+    ``folder``."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update({"epochs": 2, "max_steps_per_epoch": 5, "val_set": "", "keep": "last",
+                            "init_from": str(REPO / params["train"]["init_from"])})
+    params["train"]["tracking"]["log_every"] = 1
+    params["train"]["scaling"].update({"max_failures": 2, **scaling})
+    params["fuse"]["published"] = ""
+    params["cluster"]["shared_fs"] = True  # one machine: every node sees the same paths
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
