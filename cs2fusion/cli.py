@@ -136,6 +136,7 @@ def evaluate(
                                        "comparison.md here."),
     grid: int = typer.Option(0, min=0, help="Also write grid.png: IR | visible | each method, first N pairs."),
     baselines: bool = typer.Option(True, help="Add the trivial fusions: pixel mean and pixel max."),
+    workers: int = typer.Option(0, min=0, help="Processes computing the metrics (0: one per core); same numbers."),
 ) -> None:
     """Score fused images with the field's metrics, exactly as the reference evaluator (MMIF-CDDFuse's) does.
 
@@ -166,7 +167,7 @@ def evaluate(
         pairs = find_pairs(ir, vi)
         set_name = ir.resolve().parent.name or "pairs"
         rows = evaluate_pairs(set_name, ((p.id, *load_pair(p)) for p in pairs), methods, baselines=baselines,
-                              total=len(pairs))
+                              total=len(pairs), workers=workers)
         picture = None
         if grid:
             images = fused_images(methods)

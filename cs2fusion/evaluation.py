@@ -6,9 +6,15 @@ baselines are the golden file's: ``mean`` = floor((ir + vi)/2 + 0.5) and ``max``
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import csv
 import io
+import itertools
 import json
+import logging
+import multiprocessing
+import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -20,6 +26,7 @@ from cs2fusion.data.shards import iter_eval
 from cs2fusion.io import IMAGE_SUFFIXES, InputError, read_image, write_text
 from cs2fusion.metrics import ALL_METRICS, MAIN_METRICS, all_metrics, grey_like_reference
 
+log = logging.getLogger(__name__)
 BASELINES = {
     "mean": lambda ir, vi: np.floor((ir + vi) / 2 + 0.5),
     "max": lambda ir, vi: np.maximum(ir, vi),
@@ -41,24 +48,55 @@ def fused_image(images: dict[str, dict[str, Path]], method: str, folder: Path, n
     return path
 
 
-def evaluate_pairs(name: str, pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], fused: dict[str, Path],
-                   *, baselines: bool = True, total: int | None = None) -> list[dict[str, Any]]:
-    """Rows (set, method, id, metrics…) for (id, ir, vi) source pairs: every method's fused image of each id
-    (:func:`fused_images`), plus the trivial baselines. A missing fused image or one of another size raises, naming
-    the file."""
+def _pair_rows(name: str, pair_id: str, ir_img: np.ndarray, vi_img: np.ndarray, paths: dict[str, Path],
+               baselines: bool) -> list[dict[str, Any]]:
+    """One pair's rows: each method's fused image (``paths``) and the trivial baselines (pure: runs in a worker)."""
+    ir, vi = grey_like_reference(ir_img), grey_like_reference(vi_img)
     rows = []
+    for method, path in paths.items():
+        f = grey_like_reference(read_image(path))
+        if f.shape != ir.shape:
+            raise InputError(f"{path}: size {f.shape[1]}x{f.shape[0]} does not match the sources "
+                             f"({ir.shape[1]}x{ir.shape[0]})")
+        rows.append({"set": name, "method": method, "id": pair_id, **all_metrics(f, ir, vi)})
+    for method, fn in (BASELINES.items() if baselines else ()):
+        rows.append({"set": name, "method": method, "id": pair_id, **all_metrics(fn(ir, vi), ir, vi)})
+    return rows
+
+
+def evaluate_pairs(name: str, pairs: Iterable[tuple[str, np.ndarray, np.ndarray]], fused: dict[str, Path],
+                   *, baselines: bool = True, total: int | None = None, workers: int = 0) -> list[dict[str, Any]]:
+    """Rows (set, method, id, metrics…) for (id, ir, vi) source pairs: every method's fused image of each id
+    (:func:`fused_images`), plus the trivial baselines, in the pairs' order. A missing fused image or one of another
+    size raises, naming the file. The pairs are scored by ``workers`` processes (0: one per core; 1: this one), at
+    most two pairs per worker in flight; the numbers do not depend on it."""
     images = fused_images(fused)
-    for pair_id, ir_img, vi_img in tqdm(pairs, desc=f"evaluating {name}", unit="pair", total=total, disable=None):
-        ir, vi = grey_like_reference(ir_img), grey_like_reference(vi_img)
-        for method, folder in fused.items():
-            path = fused_image(images, method, folder, name, pair_id)
-            f = grey_like_reference(read_image(path))
-            if f.shape != ir.shape:
-                raise InputError(f"{path}: size {f.shape[1]}x{f.shape[0]} does not match the sources "
-                                 f"({ir.shape[1]}x{ir.shape[0]})")
-            rows.append({"set": name, "method": method, "id": pair_id, **all_metrics(f, ir, vi)})
-        for method, fn in (BASELINES.items() if baselines else ()):
-            rows.append({"set": name, "method": method, "id": pair_id, **all_metrics(fn(ir, vi), ir, vi)})
+    workers = min(workers or os.cpu_count() or 1, total or 1 << 30)
+    log.info("evaluating %s: %s pairs × %d methods%s on %d process(es)", name, total if total is not None else "the",
+             len(fused), " + 2 baselines" if baselines else "", workers)
+    bar = tqdm(desc=f"evaluating {name}", unit="pair", total=total, disable=None)
+    rows: list[dict[str, Any]] = []
+
+    def tasks() -> Iterator[tuple]:
+        for pair_id, ir_img, vi_img in pairs:
+            paths = {m: fused_image(images, m, folder, name, pair_id) for m, folder in fused.items()}
+            yield name, pair_id, ir_img, vi_img, paths, baselines
+
+    with bar:
+        if workers == 1:
+            for task in tasks():
+                rows += _pair_rows(*task)
+                bar.update()
+            return rows
+        # spawned, not forked: the caller may hold threads (MLflow's sender, torch's pools) that a fork would copy
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pending: collections.deque = collections.deque()
+            for task in itertools.chain(tasks(), [None]):
+                if task is not None:
+                    pending.append(pool.submit(_pair_rows, *task))
+                while pending and (task is None or len(pending) >= 2 * workers):
+                    rows += pending.popleft().result()
+                    bar.update()
     return rows
 
 

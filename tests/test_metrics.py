@@ -10,7 +10,7 @@ import pytest
 
 from cs2fusion.io import read_image
 from cs2fusion.metrics import ALL_METRICS, all_metrics, entropy, grey_like_reference, mutual_information
-from tests.conftest import GOLDEN, RS40
+from tests.conftest import DATA, GOLDEN, RS40
 
 
 
@@ -88,3 +88,23 @@ def test_evaluation_of_published_weights_reproduces_golden_means(published_fused
     for name in ALL_METRICS:
         gold = golden()["methods"]["published"]["mean"][name]
         assert summary["published"][name] == pytest.approx(gold, rel=5e-3), name
+
+
+@pytest.mark.data
+def test_metrics_over_processes_are_the_same_numbers(tmp_path) -> None:
+    """``evaluate_pairs`` spread over 2 processes gives the very rows one process gives, in the pairs' order: two
+    published methods' outputs on 4 TNO-40 pairs, and the baselines."""
+    from cs2fusion.data.pairs import find_pairs, load_pair
+    from cs2fusion.evaluation import evaluate_pairs
+
+    pairs = find_pairs(DATA / "tno40" / "ir", DATA / "tno40" / "vi")[:4]
+    methods = {m: DATA / "peers" / "tno40" / m for m in ("DenseFuse", "SeAFusion")}
+
+    def rows(workers: int) -> list[dict]:
+        return evaluate_pairs("tno40", ((p.id, *load_pair(p)) for p in pairs), methods, total=len(pairs),
+                              workers=workers)
+
+    one = rows(1)
+    assert [(r["id"], r["method"]) for r in one] == [(p.id, m) for p in pairs
+                                                     for m in ("DenseFuse", "SeAFusion", "mean", "max")]
+    assert rows(2) == one
