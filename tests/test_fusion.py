@@ -23,7 +23,7 @@ from cs2fusion.inference.buffers import denormals_flushed, pooled_max_sum
 from cs2fusion.inference.heads import DirectHead, WinogradHead
 from cs2fusion.io import read_image
 from cs2fusion.model import Backbone
-from tests.conftest import DATA, RS40, synth_pairs
+from tests.conftest import DATA, REPO, RS40, synth_pairs
 
 
 def _pair(folder: Path, i: str) -> tuple[np.ndarray, np.ndarray]:
@@ -154,6 +154,34 @@ def test_kernel_cache_is_keyed_by_source_and_torch(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(kernels, "SOURCE", source)
     other_name, other_folder = kernels._build_key()
     assert other_name != name and other_folder != folder
+
+
+def test_two_environments_get_kernel_builds_of_their_own(tmp_path: Path) -> None:
+    """A second venv with its own torch (here: this torch's files at another path, as a second checkout's venv has)
+    puts its build command's include folders elsewhere: it gets another build folder, so ninja never rebuilds the
+    first environment's build (which used to flip back and forth, about a minute each time); the same environment
+    gets the same folder in every process."""
+    import sysconfig
+
+    venv = tmp_path / "venv2"
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "torch").symlink_to(Path(torch.__file__).parent)
+    (site,) = (venv / "lib").glob("python*/site-packages")
+    (site / "deps.pth").write_text(f"{shim}\n{sysconfig.get_paths()['purelib']}\n")
+    probe = ("from cs2fusion.inference import kernels; from torch.utils import cpp_extension; "
+             "print(kernels.build_location()); print(cpp_extension.include_paths()[0])")
+
+    def where(python: Path) -> list[str]:
+        proc = subprocess.run([str(python), "-c", probe], env={**os.environ, "PYTHONPATH": str(REPO)},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.split()
+
+    here, again, there = where(Path(sys.executable)), where(Path(sys.executable)), where(venv / "bin" / "python")
+    assert there[1].startswith(str(shim)) and not here[1].startswith(str(shim))  # another torch install path
+    assert here == again and there[0] != here[0] and Path(there[0]).parent == Path(here[0]).parent
 
 
 def test_only_tested_precisions() -> None:

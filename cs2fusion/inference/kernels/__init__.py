@@ -1,13 +1,17 @@
 """Compiled CPU kernels (here: the Winograd head), built by PyTorch's C++ extension loader into a cache keyed by the
-torch version, the CPU capability and the source's hash, so every process on a machine (CLI, Ray workers, a model
-server) loads one build. ``cs2fusion build-kernels`` builds it ahead of time. Without a C++ compiler or ninja, or
-with ``CS2FUSION_NO_KERNELS=1`` (the test override), the kernel is None and callers use library ops.
+torch version, the source's hash and everything its build command holds (flags for the CPU capability, the compiler,
+the include folders of the environment's torch and Python), so every process of one environment on a machine (CLI,
+Ray workers, a model server) loads one build, and a second environment (another checkout's venv, a node's venv on a
+shared home folder) gets a build of its own instead of making ninja rebuild the first one's, back and forth.
+``cs2fusion build-kernels`` builds it ahead of time. Without a C++ compiler or ninja, or with ``CS2FUSION_NO_KERNELS=1``
+(the test override), the kernel is None and callers use library ops.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -28,13 +32,29 @@ STALE_LOCK_S = 900  # a build takes about a minute; a lock this old belongs to n
 _ARCH = {"AVX512": ["-march=x86-64-v4", "-mprefer-vector-width=512"], "AVX2": ["-march=x86-64-v3"]}
 
 
+def _flags() -> list[str]:
+    flags = ["-O3", "-fopenmp"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags += _ARCH.get(torch.backends.cpu.get_cpu_capability(), [])
+    return flags
+
+
 def _build_key() -> tuple[str, Path]:
-    """(module name, build folder): a change of source, torch or CPU capability gets its own build."""
+    """(module name, build folder): a change of source, torch, CPU capability, compiler or the environment's include
+    folders (what ninja compares in its log) gets its own build."""
+    import sysconfig
+
+    from torch.utils import cpp_extension  # imports setuptools: only when a kernel is wanted
+
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
     capability = torch.backends.cpu.get_cpu_capability().lower()
+    command = {"flags": _flags(), "includes": cpp_extension.include_paths(), "python": sysconfig.get_paths()["include"],
+               "cxx": shutil.which(os.environ.get("CXX", "c++")), "abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI)}
+    environment = hashlib.sha256(json.dumps(command, sort_keys=True).encode()).hexdigest()[:8]
     base = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cs2fusion"
     torch_version = torch.__version__.replace("+", "_")
-    return f"cs2fusion_winograd_{capability}_{digest}", Path(base) / "kernels" / f"torch-{torch_version}" / digest
+    return (f"cs2fusion_winograd_{capability}_{digest}",
+            Path(base) / "kernels" / f"torch-{torch_version}" / f"{digest}-{environment}")
 
 
 def _source_in(folder: Path) -> Path:
@@ -83,12 +103,9 @@ def winograd_head() -> ModuleType | None:
         log.warning("removing a stale build lock %s (left by an interrupted build)", lock)
         lock.unlink(missing_ok=True)
     if not (folder / f"{name}.so").is_file():
-        log.info("building the Winograd kernel into %s (once per machine and torch version: about a minute)", folder)
-    flags = ["-O3", "-fopenmp"]
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        flags += _ARCH.get(torch.backends.cpu.get_cpu_capability(), [])
+        log.info("building the Winograd kernel into %s (once per environment and machine: about a minute)", folder)
     try:
-        return cpp_extension.load(name, [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        return cpp_extension.load(name, [str(source)], extra_cflags=_flags(), extra_ldflags=["-fopenmp"],
                                   build_directory=str(folder))
     except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as err:  # a failed build
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
