@@ -27,7 +27,7 @@ import torch
 from cs2fusion import storage
 from cs2fusion.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from cs2fusion.color import luminance
-from cs2fusion.config import Params, TrainParams, build, flatten, to_dict
+from cs2fusion.config import Params, ParamsError, TrainParams, build, flatten, to_dict
 from cs2fusion.data.shards import TrainShards, iter_eval, set_files, set_shards
 from cs2fusion.inference import FuseOptions, Fuser
 from cs2fusion.io import InputError, write_png, write_text
@@ -253,6 +253,16 @@ def train_loop(config: dict[str, Any]) -> None:
             tracker.close(tp.tracking.patience_s if finished else 30)
 
 
+def worker_input_error(err: BaseException) -> InputError | None:
+    """The bad-input error (e.g. a corrupt shard member) that failed a training worker, unwrapped from Ray's
+    ``WorkerGroupError``; None when the run failed for another reason."""
+    for failure in (getattr(err, "worker_failures", None) or {}).values():
+        for candidate in (getattr(failure, "cause", None), failure.__cause__, failure):
+            if isinstance(candidate, (InputError, ParamsError)):
+                return InputError(candidate.args[0] if candidate.args else str(candidate))
+    return None
+
+
 def _checkpoint_config(tp: Any, config_class: Any) -> Any:
     """With validation, Ray ranks checkpoints by ``val/score`` (keeping the two best and always the latest, which
     resumes); without, it keeps the two latest."""
@@ -348,8 +358,8 @@ def _preflight(params: Params, shards: str, uri: str, storage_root: str) -> str:
 
     cluster.check_stores(params, shards=shards, tracking_uri=uri, storage_path=storage_root)
     set_files(shards, "train")
-    if params.train.val_set:
-        set_files(shards, params.train.val_set)
+    if params.train.val_set:  # decoded here too: a corrupt member fails now, not in every retried worker group
+        _val_pairs(set_files(shards, params.train.val_set), params.train.val_samples)
     if params.train.init_from:
         load_checkpoint(params.train.init_from, with_cpn=False)
     check_reachable(uri)
@@ -451,10 +461,15 @@ def fit(params: Params, *, shards: str | Path, out: str | Path, metrics_out: Pat
             result = trainer.fit()
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        cause = worker_input_error(err)
         try:
+            if cause:
+                retrying(lambda: tracker.tags({"failure": str(cause)}), "tags", 30)
             retrying(lambda: tracker.finish(status), "finish", 30)
         except Exception:
             log.warning("MLflow run %s could not be marked %s; the next start marks it", tracker.run_id, status)
+        if cause:  # bad input inside a worker: its one line, not Ray's report of every worker's traceback
+            raise cause from None
         raise
     chosen, why = _final_checkpoint(result, tp)
     with chosen.as_directory() as folder:

@@ -191,6 +191,52 @@ def test_a_flipped_bit_in_a_shard_is_caught_and_named(tmp_path: Path) -> None:
                     shard.name)
 
 
+def _corrupt_member(shards: Path, set_name: str, suffix: str) -> str:
+    """Breaks the body of the first ``suffix`` member of the set's first shard and records the new sha256 in
+    shards.json (a shard written corrupt: its checksum matches). Returns the member's name."""
+    import hashlib
+    import tarfile
+
+    shard = Path(set_files(shards, set_name)[0])
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(suffix))
+    data[member.offset_data + 40:member.offset_data + member.size - 20] = bytes(member.size - 60)
+    shard.write_bytes(bytes(data))
+    index = json.loads((shards / "shards.json").read_text())
+    for entry in index["sets"][set_name]["shards"]:
+        if entry["file"] == shard.name:
+            entry["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (shards / "shards.json").write_text(json.dumps(index))
+    return f"{shard.name}: member {member.name}"
+
+
+def test_a_corrupt_member_whose_checksum_matches_is_one_line_from_every_stage(tmp_path: Path) -> None:
+    """A member written corrupt passes the shard's checksum and fails on decoding: every stage that decodes it stops
+    with one line naming the shard and the member (was: a raw exception repr from fuse and evaluate, a 33-line
+    WorkerGroupError from train after the workers' retries)."""
+    from ray.train import WorkerGroupError
+
+    from pipeline.train import worker_input_error
+
+    proj = _project(tmp_path, train={"val_set": "demo/test", "batch_size": 2})
+    shards = proj / "data" / "shards"
+    named = _corrupt_member(shards, "demo/test", ".vi.png")
+    with pytest.raises(InputError) as err:
+        list(iter_eval(set_files(shards, "demo/test")))
+    assert named in str(err.value) and "not a readable PNG" in str(err.value)
+    fuse = ("fuse", "--model", str(DEFAULT_MODEL), "--shards", "data/shards", "--out", "fused")
+    _one_line_error(_stage(proj, *fuse), named)
+    _one_line_error(_stage(proj, "train", "--shards", "data/shards", "--out", "m.safetensors"), named)  # preflight
+    (proj / "fused").mkdir()
+    _one_line_error(_stage(proj, "evaluate", "--fused", "fused", "--shards", "data/shards", "--model",
+                           str(DEFAULT_MODEL), "--metrics", "m.json", "--report", "report"), named)
+    # a training member fails inside a Ray worker: the stage re-raises the worker's one line, not Ray's report
+    failed = WorkerGroupError("rank 0: Traceback …", {0: InputError(f"x/{named} is not a readable PNG")})
+    assert str(worker_input_error(failed)) == f"x/{named} is not a readable PNG"
+    assert worker_input_error(WorkerGroupError("rank 0: …", {0: RuntimeError("nan loss")})) is None
+
+
 # 9: input_scale
 
 

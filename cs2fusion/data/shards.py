@@ -392,10 +392,18 @@ class TrainShards(torch.utils.data.IterableDataset):
 
 
 def _decode_members(sample: dict[str, Any], *names: str) -> list[np.ndarray]:
-    try:
-        return [decode_png(sample[name]) for name in names]
-    except Exception as err:  # a missing member, a broken PNG: name the shard and the sample
-        raise InputError(f"{sample.get('__url__')}: sample {sample['__key__']!r} unreadable ({err!r})") from None
+    """The named PNG members of a sample; a missing or undecodable one raises InputError naming the shard and the
+    member (a shard written corrupt passes its checksum: only decoding finds it)."""
+    arrays = []
+    for name in names:
+        where = f"{sample.get('__url__')}: member {sample['__key__']}.{name}"
+        if name not in sample:
+            raise InputError(f"{where} missing; rerun the shard stage")
+        try:
+            arrays.append(decode_png(sample[name]))
+        except Exception as err:  # PIL raises several kinds for a broken PNG
+            raise InputError(f"{where} is not a readable PNG ({type(err).__name__}); rerun the shard stage") from None
+    return arrays
 
 
 def iter_eval(files: list[str]) -> Iterator[tuple[dict[str, Any], np.ndarray, np.ndarray]]:
