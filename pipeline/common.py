@@ -6,7 +6,9 @@ import argparse
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -63,14 +65,39 @@ def setup_logging(args: argparse.Namespace) -> None:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its own level on import
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: a stage ends as on Ctrl-C (its MLflow run KILLED, Ray shut down)."""
+
+
+_SIGTERM = threading.Event()
+
+
+def stop_on_sigterm() -> None:
+    """From now on SIGTERM raises :class:`Stopped` in the main thread (the default would end the process at once).
+    Code that turns it into a plain KeyboardInterrupt (Ray's blocking calls do) asks :func:`stopped_by_sigterm`."""
+
+    def stop(signum: int, frame: object) -> None:
+        _SIGTERM.set()
+        raise Stopped("stopped by SIGTERM")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def stopped_by_sigterm() -> bool:
+    return _SIGTERM.is_set()
+
+
 def clean_errors(main: Callable[[], None]) -> Callable[[], None]:
     """Bad input, params or a failed write end the stage with one line naming the culprit and exit status 2
-    (the traceback too with ``-v``)."""
+    (the traceback too with ``-v``); SIGTERM with one line and the status 128 + 15 a killed process has."""
 
     @functools.wraps(main)
     def wrapper() -> None:
         try:
             main()
+        except Stopped as err:
+            print(f"error: {err}; rerun the stage to continue from the latest checkpoint", file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
         except (InputError, ParamsError, OSError) as err:
             if verbose():
                 traceback.print_exc()

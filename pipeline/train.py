@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +39,8 @@ from cs2fusion.training import (build_state, cpn_input_order, load_optim_state, 
 from cs2fusion.validation import baseline_scores, mean_scores, selection_score, validate
 from cs2fusion.visual import grid
 from pipeline import cluster
-from pipeline.common import absolute, clean_errors, location, parser, setup
+from pipeline.common import (Stopped, absolute, clean_errors, location, parser, setup, stop_on_sigterm,
+                             stopped_by_sigterm)
 from pipeline.progress import Board, Follower, Reporter
 
 log = logging.getLogger("pipeline.train")
@@ -357,6 +359,11 @@ def _preflight(params: Params, shards: str, uri: str, storage_root: str) -> str:
     from pipeline.mlflow_adapter import check_reachable
 
     cluster.check_stores(params, shards=shards, tracking_uri=uri, storage_path=storage_root)
+    if not storage.is_url(storage_root):  # a file, /proc/…, a read-only folder: refused before a run is created
+        Path(storage_root).mkdir(parents=True, exist_ok=True)
+        probe = Path(storage_root) / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
     set_files(shards, "train")
     if params.train.val_set:  # decoded here too: a corrupt member fails now, not in every retried worker group
         _val_pairs(set_files(shards, params.train.val_set), params.train.val_samples)
@@ -377,8 +384,26 @@ def _new_tracker(params: Params, uri: str, root: Path, shards_sha: str, run_dir:
     tracker.params(to_dict(params))
     tags = {"git_commit": git_commit(root), "shards_sha256": shards_sha, "stage": "train", "storage": run_dir}
     tracker.tags({**tags, **(extra or {}), **({"continues_run": continues} if continues else {})})
-    storage.write_text(storage.join(run_dir, RUN_ID_FILE), tracker.run_id)
+    try:
+        storage.write_text(storage.join(run_dir, RUN_ID_FILE), tracker.run_id)
+    except BaseException as err:
+        end_run(tracker, err)
+        raise
     return tracker
+
+
+def end_run(tracker: Any, err: BaseException) -> None:
+    """A training that stopped or failed ends its MLflow run KILLED (interrupted, SIGTERM) or FAILED, with the
+    reason as the tag ``failure``; a tracking server that does not answer leaves it to the next start."""
+    from pipeline.mlflow_adapter import retrying
+
+    status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    try:
+        retrying(lambda: tracker.tags({"failure": reason[:5000]}), "tags", 30)
+        retrying(lambda: tracker.finish(status), "finish", 30)
+    except Exception:
+        log.warning("MLflow run %s could not be marked %s; the next start marks it", tracker.run_id, status)
 
 
 def _mark_stale(uri: str, run_dir: str) -> None:
@@ -397,14 +422,47 @@ def _mark_stale(uri: str, run_dir: str) -> None:
         log.debug("previous MLflow run not marked: %s", err)
 
 
+def _run_trainer(params: Params, tracker: Any, *, shards: str, uri: str, run_dir: str, storage_root: str,
+                 resume: bool, callbacks: tuple[Any, ...], progress: bool) -> Any:
+    """Ray Train's ``TorchTrainer`` over :func:`train_loop`, logging to ``tracker``'s run; returns its result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    tp, scaling = params.train, params.train.scaling
+    config = {"params": to_dict(params), "shards": shards, "tracking_uri": uri,
+              "run_id": tracker.run_id, "spill": storage.join(run_dir, SPILL_FILE), "continuing": resume}
+    cluster.init()
+    stop_on_sigterm()  # after ray.init, which installs a handler of its own (the driver then aborted: exit 134)
+    import ray
+
+    board = ray.remote(num_cpus=0)(Board).remote() if progress else None
+    config["progress"] = board
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo", timeout_s=scaling.collective_timeout_s),
+        scaling_config=ScalingConfig(num_workers=scaling.worker_range if scaling.elastic else scaling.worker_range[0],
+                                     use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker, **scaling.worker_resources}),
+        run_config=RunConfig(name=tp.run_name, storage_path=storage_root,
+                             failure_config=FailureConfig(max_failures=scaling.max_failures),
+                             checkpoint_config=_checkpoint_config(tp, CheckpointConfig), callbacks=list(callbacks)),
+    )
+    try:
+        with Follower(board) if board else contextlib.nullcontext():
+            return trainer.fit()
+    except KeyboardInterrupt:
+        ray.shutdown()  # the workers and the controller end with the driver, not at interpreter exit
+        if stopped_by_sigterm():  # Ray's blocking get turns the handler's exception into a KeyboardInterrupt
+            raise Stopped("stopped by SIGTERM") from None
+        raise
+
+
 def fit(params: Params, *, shards: str | Path, out: str | Path, metrics_out: Path | None, root: Path,
         tags: dict[str, str] | None = None, callbacks: tuple[Any, ...] = (), progress: bool = True) -> dict[str, Any]:
     """Runs the trainer and writes the final model (a path or an object-store URL); returns the final metrics (with
     the MLflow run id). ``tags`` go on a new MLflow run (a sweep's trial: ``mlflow.parentRunId``); ``callbacks``
     are Ray Train callbacks (a sweep's ``TuneReportCallback``); ``progress``: the live progress line."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from pipeline.mlflow_adapter import Tracker, git_commit, quick_http, retrying, run_status, tracking_uri
 
     tp = params.train
@@ -435,39 +493,15 @@ def fit(params: Params, *, shards: str | Path, out: str | Path, metrics_out: Pat
         if aside:
             _mark_stale(uri, aside)
         tracker = _new_tracker(params, uri, root, shards_sha, run_dir, extra=tags)
-        storage.write_text(storage.join(run_dir, FINGERPRINT_FILE), print_ + "\n")
-        storage.write_text(storage.join(run_dir, CODE_FILE), code + "\n")
-    config = {"params": to_dict(params), "shards": shards, "tracking_uri": uri,
-              "run_id": tracker.run_id, "spill": storage.join(run_dir, SPILL_FILE), "continuing": resume}
-    cluster.init()
-    import ray
-
-    board = ray.remote(num_cpus=0)(Board).remote() if progress else None
-    scaling = tp.scaling
-    config["progress"] = board
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=config,
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo", timeout_s=scaling.collective_timeout_s),
-        scaling_config=ScalingConfig(num_workers=scaling.worker_range if scaling.elastic else scaling.worker_range[0],
-                                     use_gpu=scaling.use_gpu,
-                                     resources_per_worker={"CPU": scaling.cpus_per_worker, **scaling.worker_resources}),
-        run_config=RunConfig(name=tp.run_name, storage_path=storage_root,
-                             failure_config=FailureConfig(max_failures=scaling.max_failures),
-                             checkpoint_config=_checkpoint_config(tp, CheckpointConfig), callbacks=list(callbacks)),
-    )
     try:
-        with Follower(board) if board else contextlib.nullcontext():
-            result = trainer.fit()
+        if not resume:
+            storage.write_text(storage.join(run_dir, FINGERPRINT_FILE), print_ + "\n")
+            storage.write_text(storage.join(run_dir, CODE_FILE), code + "\n")
+        result = _run_trainer(params, tracker, shards=shards, uri=uri, run_dir=run_dir, storage_root=storage_root,
+                              resume=resume, callbacks=callbacks, progress=progress)
     except BaseException as err:
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         cause = worker_input_error(err)
-        try:
-            if cause:
-                retrying(lambda: tracker.tags({"failure": str(cause)}), "tags", 30)
-            retrying(lambda: tracker.finish(status), "finish", 30)
-        except Exception:
-            log.warning("MLflow run %s could not be marked %s; the next start marks it", tracker.run_id, status)
+        end_run(tracker, cause or err)
         if cause:  # bad input inside a worker: its one line, not Ray's report of every worker's traceback
             raise cause from None
         raise

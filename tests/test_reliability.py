@@ -769,3 +769,53 @@ def test_a_moved_checkout_keeps_its_runs_fingerprint(tmp_path: Path) -> None:
     other = dataclasses.replace(params, train=dataclasses.replace(params.train,
                                                                   init_from=str(tmp_path / "other.safetensors")))
     assert fingerprint(other, "0" * 64) != prints[0]
+
+
+# round three, item 5: failed starts and SIGTERM end their MLflow runs
+
+
+def _runs(project: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+@pytest.mark.parametrize("where", ["a file", "/proc/cs2fusion-runs"])
+def test_an_unusable_storage_path_is_one_line_and_leaves_no_running_run(where: str, tmp_path: Path) -> None:
+    """``train.storage_path`` a file or under /proc: one line before any MLflow run exists (each attempt used to
+    leave a run RUNNING)."""
+    target = str(tmp_path / "runs.txt") if where == "a file" else where
+    if where == "a file":
+        Path(target).write_text("not a folder")
+    proj = _project(tmp_path / "p", train={"storage_path": target, "batch_size": 2})
+    for _ in range(2):
+        _one_line_error(_stage(proj, "train", "--shards", "data/shards", "--out", "m.safetensors"), target)
+    assert not any(r.info.status == "RUNNING" for r in _runs(proj))
+
+
+@pytest.mark.slow
+def test_sigterm_stops_training_cleanly_and_ends_the_run_killed(tmp_path: Path) -> None:
+    """SIGTERM mid-training: exit status 143 with one line (was 134, a C++ stack dump and a FAILED run), the MLflow
+    run KILLED with the reason, and the run folder kept for a rerun to continue."""
+    proj = _project(tmp_path, train={"batch_size": 2, "epochs": 50, "scaling": {"num_workers": 1, "loader_workers": 0},
+                                     "tracking": {"log_every": 1}})
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--shards", "data/shards", "--out",
+                             "m.safetensors"], cwd=proj, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 240
+        while not any("loss/backbone" in r.data.metrics for r in _runs(proj) if r.info.status == "RUNNING"):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and "terminate called" not in stderr, stderr[-3000:]
+    assert [line for line in stderr.splitlines() if line.startswith("error: ")] == [
+        "error: stopped by SIGTERM; rerun the stage to continue from the latest checkpoint"]
+    (run,) = _runs(proj)
+    assert run.info.status == "KILLED" and run.data.tags["failure"] == "stopped by SIGTERM"
+    assert (proj / "runs" / "train" / "mlflow_run_id").read_text().strip() == run.info.run_id
