@@ -110,6 +110,16 @@ def exists(location: str | Path) -> bool:
     return bool(fs.exists(path))
 
 
+def remove(location: str | Path) -> None:
+    """Deletes a file or object (a missing one is fine)."""
+    if not is_url(location):
+        Path(location).unlink(missing_ok=True)
+        return
+    fs, path = filesystem(str(location))
+    if fs.exists(path):
+        fs.rm_file(path)
+
+
 def move(source: str | Path, target: str | Path) -> None:
     """Renames a folder (local) or copies then deletes every object under a prefix (stores have no rename)."""
     if not is_url(source):

@@ -41,6 +41,7 @@ from cs2fusion.visual import grid
 from pipeline import cluster
 from pipeline.common import (Stopped, absolute, clean_errors, location, parser, setup, stop_on_sigterm,
                              stopped_by_sigterm)
+from pipeline.lease import RunLease
 from pipeline.progress import Board, Follower, Reporter
 
 log = logging.getLogger("pipeline.train")
@@ -463,7 +464,7 @@ def fit(params: Params, *, shards: str | Path, out: str | Path, metrics_out: Pat
     """Runs the trainer and writes the final model (a path or an object-store URL); returns the final metrics (with
     the MLflow run id). ``tags`` go on a new MLflow run (a sweep's trial: ``mlflow.parentRunId``); ``callbacks``
     are Ray Train callbacks (a sweep's ``TuneReportCallback``); ``progress``: the live progress line."""
-    from pipeline.mlflow_adapter import Tracker, git_commit, quick_http, retrying, run_status, tracking_uri
+    from pipeline.mlflow_adapter import quick_http, tracking_uri
 
     tp = params.train
     if tp.init_from:  # Ray workers run in another folder
@@ -474,6 +475,23 @@ def fit(params: Params, *, shards: str | Path, out: str | Path, metrics_out: Pat
     uri = tracking_uri(params.tracking, root)
     quick_http()
     shards_sha = _preflight(params, shards, uri, storage_root)
+    lease = RunLease(run_dir)
+    lease.acquire()  # before anything of the run is read, moved or logged: one trainer per run
+    try:
+        return _fit_holding_the_lease(params, shards=shards, out=out, metrics_out=metrics_out, root=root, tags=tags,
+                                      callbacks=callbacks, progress=progress, shards_sha=shards_sha, uri=uri,
+                                      run_dir=run_dir, storage_root=storage_root)
+    finally:
+        lease.release()
+
+
+def _fit_holding_the_lease(params: Params, *, shards: str, out: str | Path, metrics_out: Path | None, root: Path,
+                           tags: dict[str, str] | None, callbacks: tuple[Any, ...], progress: bool, shards_sha: str,
+                           uri: str, run_dir: str, storage_root: str) -> dict[str, Any]:
+    """:func:`fit` once its preflight passed and it holds the run's lease."""
+    from pipeline.mlflow_adapter import Tracker, git_commit, retrying, run_status
+
+    tp = params.train
 
     def patiently(call: Any, what: str) -> Any:
         return retrying(call, what, tp.tracking.patience_s)

@@ -23,6 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from cs2fusion import storage
 from cs2fusion.checkpoint import load_checkpoint
 from cs2fusion.cli import app
 from cs2fusion.config import ModelParams, Params, ParamsError, build, load_params
@@ -819,3 +820,55 @@ def test_sigterm_stops_training_cleanly_and_ends_the_run_killed(tmp_path: Path) 
     (run,) = _runs(proj)
     assert run.info.status == "KILLED" and run.data.tags["failure"] == "stopped by SIGTERM"
     assert (proj / "runs" / "train" / "mlflow_run_id").read_text().strip() == run.info.run_id
+
+
+# round three, item 4: one trainer per run
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_run_has_one_trainer_and_a_dead_holders_lease_is_taken_over(where: str, tmp_path: Path,
+                                                                       request: pytest.FixtureRequest) -> None:
+    """A live trainer's lease refuses a second trainer of the same run in one line naming it (was: both "resumed"
+    the run, duplicating metrics and mixing checkpoints); an expired lease, or one of a dead process on this host, is
+    taken over; on object storage too."""
+    import socket
+
+    from pipeline.lease import RunLease
+
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3")
+    run = storage.join(root, "runs", "train")
+    holder = RunLease(run, ttl_s=30, settle_s=0.1)
+    holder.acquire()
+    with pytest.raises(InputError, match=f"being trained by {socket.gethostname()}:{os.getpid()}"):
+        RunLease(run, settle_s=0.1).acquire()
+    holder.release()
+    assert not storage.exists(run + ".lease")
+    for lease in ({"holder": "node-2:17", "host": "node-2", "pid": 17, "token": "t", "since": 0, "expires": 1},
+                  {"holder": "x:1", "host": socket.gethostname(), "pid": 2 ** 22 + 7, "token": "t", "since": 0,
+                   "expires": time.time() + 600}):  # expired / a dead process of this host
+        storage.write_text(run + ".lease", json.dumps(lease))
+        with RunLease(run, settle_s=0.1) as taken:
+            assert taken.read()["token"] == taken.token
+    storage.write_text(run + ".lease", json.dumps({"holder": "node-2:17", "host": "node-2", "pid": 17, "token": "t",
+                                                   "since": 0, "expires": time.time() + 600}))
+    with pytest.raises(InputError, match="being trained by node-2:17"):
+        RunLease(run, settle_s=0.1).acquire()
+
+
+def test_a_second_train_stage_of_a_held_run_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
+    """The train stage beside a live holder of the same run (another process): one line naming it, exit 2, no MLflow
+    run opened."""
+    import socket
+
+    proj = _project(tmp_path, train={"batch_size": 2})
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from pipeline.lease import RunLease; "
+                               f"RunLease({str(proj / 'runs' / 'train')!r}).acquire(); print('held', flush=True); "
+                               "time.sleep(120)"], cwd=REPO, env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        _one_line_error(_stage(proj, "train", "--shards", "data/shards", "--out", "m.safetensors"),
+                        f"being trained by {socket.gethostname()}:{holder.pid}")
+        assert not _runs(proj)
+    finally:
+        holder.kill()
+        holder.wait()
