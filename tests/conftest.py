@@ -4,7 +4,10 @@ Tiers (markers): **unit** (everything unmarked: synthetic tensors, ``cs2fusion s
 no ``../shared``, no compiler needed), **data** (reads ``../shared``: skipped with the reason where it is absent,
 required with ``CS2FUSION_REQUIRE_DATA=1``, which ``.ci/run`` sets), **slow** (Ray, an MLflow server, ``dvc repro``),
 **cluster** (object storage on a local S3 server, a second Ray node).
-Tests of the compiled kernel skip where it cannot be built, unless ``CS2FUSION_REQUIRE_KERNELS=1``.
+Tests of the compiled kernel skip where it cannot be built, unless ``CS2FUSION_REQUIRE_KERNELS=1``; tests of an
+optional extra (``cloud``: object storage) skip with the reason where it is missing, unless
+``CS2FUSION_REQUIRE_EXTRAS=1`` (``.ci/run``). Every process a test or fixture starts through :func:`started` is
+stopped when that test ends, passed or failed, with the processes it started in turn.
 """
 
 from __future__ import annotations
@@ -41,6 +44,55 @@ def _required(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
 
 
+def require_extra(module: str, extra: str) -> None:
+    """Skips the calling test (or fixture) where ``module`` of the optional ``extra`` is not installed, with the
+    reason; a failure instead under ``CS2FUSION_REQUIRE_EXTRAS=1`` (CI, where a missing extra is a broken setup)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        reason = f"needs the {extra!r} extra ({module} is not installed: pip install -e '.[{extra}]')"
+        if _required("CS2FUSION_REQUIRE_EXTRAS"):
+            pytest.fail(f"{reason}; CS2FUSION_REQUIRE_EXTRAS=1 makes it required")
+        pytest.skip(reason)
+
+
+_STARTED: list[subprocess.Popen] = []
+
+
+def started(proc: subprocess.Popen) -> subprocess.Popen:
+    """Registers a process this test started: it is stopped (with its children) when the test ends, however."""
+    _STARTED.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """Terminates a process and every process it started (SIGKILL after ``grace_s``)."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(family, timeout=grace_s)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+
+
+@pytest.fixture(autouse=True)
+def _stop_started_processes() -> Iterator[None]:
+    """After each test (and its function-scoped fixtures' teardown): the processes it started are stopped."""
+    first = len(_STARTED)
+    yield
+    while len(_STARTED) > first:
+        stop(_STARTED.pop())
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     if not HAVE_DATA and _required("CS2FUSION_REQUIRE_DATA"):
         raise pytest.UsageError(f"{NO_DATA}; CS2FUSION_REQUIRE_DATA=1 makes it required")
@@ -66,6 +118,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    while _STARTED:  # a module or session fixture's process whose setup failed midway
+        stop(_STARTED.pop())
     from tests.tiny import LOCAL_RAY_TMP
 
     shutil.rmtree(LOCAL_RAY_TMP, ignore_errors=True)  # the local Ray instances' sessions (logs, spilled objects)
@@ -155,19 +209,23 @@ def start_mlflow_server(folder: Path, port: int, artifacts: str = "", **env_extr
 
     from tests.tiny import env
 
-    proc = subprocess.Popen(
+    proc = started(subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination",
          artifacts or str(folder / "artifacts"), "--workers", "1"],
-        env=env(**env_extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=env(**env_extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
-            time.sleep(1)
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                return proc
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
+                time.sleep(1)
+    except BaseException:
+        stop(proc)
+        raise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +282,8 @@ S3_BUCKET = "cs2fusion"
 def s3_server() -> Iterator[dict[str, str]]:
     """A local S3-compatible server (moto's standalone server) on 127.0.0.1 with the bucket ``cs2fusion``: yields the
     environment that reaches it (endpoint, credentials: what a cluster's nodes would be given)."""
+    for module in ("s3fs", "boto3"):
+        require_extra(module, "cloud")
     import boto3
 
     port = free_port()

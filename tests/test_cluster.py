@@ -29,7 +29,8 @@ from cs2fusion.config import Params, build
 from cs2fusion.data.manifest import build_manifest
 from cs2fusion.data.shards import TrainShards, iter_eval, read_index, set_shards, write_shards
 from cs2fusion.io import InputError, read_image
-from tests.conftest import DATA, REPO, TRAINER_SLOT, RayHead, free_port, start_mlflow_server
+from tests.conftest import (DATA, REPO, TRAINER_SLOT, RayHead, free_port, require_extra, start_mlflow_server,
+                            started)
 from tests.tiny import TINY, demo_params, env, stage, write_params
 
 log = logging.getLogger(__name__)
@@ -88,12 +89,12 @@ class SecondNode:
         return {k: v for k, v in os.environ.items() if k in keep} | {"RAY_AUTH_MODE": "disabled"}
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
+        self.proc = started(subprocess.Popen(
             [str(self.python), "-c", "import sys; from ray.scripts.scripts import main; sys.exit(main())", "start",
              f"--address={self.head.address}", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
              f'--resources={{"{TRAINER_SLOT}": 1}}', "--disable-usage-stats"],
             cwd=self.home, env=self._env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
+            start_new_session=True))
         deadline = time.time() + 90
         while _alive_slots(self.head) < 2:
             assert self.proc.poll() is None and time.time() < deadline, "the second node did not join"
@@ -268,6 +269,7 @@ SHARD_STAGES = """stages:
 def test_dvc_remote_on_object_storage(s3: str, s3_server: dict[str, str], tmp_path: Path) -> None:
     """``dvc push`` of the stages' outputs to an S3 remote (``endpointurl``), then ``dvc pull`` into a fresh clone:
     ``data/shards`` comes back byte for byte."""
+    require_extra("dvc_s3", "cloud")
     project, clone = tmp_path / "project", tmp_path / "clone"
     write_params(project)
     (project / "dvc.yaml").write_text(SHARD_STAGES)
@@ -344,9 +346,9 @@ def test_any_cluster_shape_trains_the_same_model(ray_head: RayHead, second_node:
 
     folder = tmp_path_factory.mktemp("elastic")
     demo_params(folder, num_workers=[1, 2], worker_resources={TRAINER_SLOT: 1})
-    train = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=folder,
-                             env=env(RAY_ADDRESS=ray_head.address), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    train = started(subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=folder,
+                                     env=env(RAY_ADDRESS=ray_head.address), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True))
     try:
         deadline = time.time() + 300
         while _snapshot_epoch(str(folder / "runs" / "demo")) < 1:

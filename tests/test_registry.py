@@ -18,7 +18,7 @@ from cs2fusion.checkpoint import load_checkpoint, save_checkpoint
 from cs2fusion.inference import Fuser
 from cs2fusion.inference.kernels import build_location
 from cs2fusion.io import read_image
-from tests.conftest import DATA, RS40, free_port, start_mlflow_server
+from tests.conftest import DATA, RS40, free_port, start_mlflow_server, started
 from tests.tiny import env
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
@@ -147,10 +147,10 @@ def test_rest_serving_of_the_champion(server: str, published_ckpt: Path, tmp_pat
     port, log_file = free_port(), tmp_path / "serve.log"
     start = time.time()
     with open(log_file, "w") as log:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
-                                 f"models:/{name}@champion", "--env-manager", "local", "--host", "127.0.0.1",
-                                 "--port", str(port), "--workers", "1"],
-                                cwd=tmp_path, env=env(MLFLOW_TRACKING_URI=server), stdout=log, stderr=log)
+        proc = started(subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+                                         f"models:/{name}@champion", "--env-manager", "local", "--host", "127.0.0.1",
+                                         "--port", str(port), "--workers", "1"],
+                                        cwd=tmp_path, env=env(MLFLOW_TRACKING_URI=server), stdout=log, stderr=log))
     try:
         url = f"http://127.0.0.1:{port}"
         while True:

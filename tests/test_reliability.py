@@ -34,7 +34,7 @@ from cs2fusion.io import OUTPUT_MARKER, InputError, read_image
 from cs2fusion.metrics import MAIN_METRICS, psnr
 from cs2fusion.model import Backbone
 from cs2fusion.pretrained import DEFAULT_MODEL
-from tests.conftest import DATA, REPO, free_port, synth_pairs
+from tests.conftest import DATA, REPO, free_port, started, synth_pairs
 from tests.tiny import env
 
 DEMO = {"prepare": {"datasets": [{"name": "demo", "root": "data/demo", "ratio": {"train": 0.5, "test": 0.5}}]},
@@ -801,9 +801,9 @@ def test_sigterm_stops_training_cleanly_and_ends_the_run_killed(tmp_path: Path) 
     run KILLED with the reason, and the run folder kept for a rerun to continue."""
     proj = _project(tmp_path, train={"batch_size": 2, "epochs": 50, "scaling": {"num_workers": 1, "loader_workers": 0},
                                      "tracking": {"log_every": 1}})
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--shards", "data/shards", "--out",
-                             "m.safetensors"], cwd=proj, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = started(subprocess.Popen([sys.executable, "-m", "pipeline.train", "--shards", "data/shards", "--out",
+                                     "m.safetensors"], cwd=proj, env=env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True))
     try:
         deadline = time.time() + 240
         while not any("loss/backbone" in r.data.metrics for r in _runs(proj) if r.info.status == "RUNNING"):
@@ -861,9 +861,9 @@ def test_a_second_train_stage_of_a_held_run_is_one_line_and_starts_nothing(tmp_p
     import socket
 
     proj = _project(tmp_path, train={"batch_size": 2})
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from pipeline.lease import RunLease; "
+    holder = started(subprocess.Popen([sys.executable, "-c", "import time; from pipeline.lease import RunLease; "
                                f"RunLease({str(proj / 'runs' / 'train')!r}).acquire(); print('held', flush=True); "
-                               "time.sleep(120)"], cwd=REPO, env=env(), stdout=subprocess.PIPE, text=True)
+                               "time.sleep(120)"], cwd=REPO, env=env(), stdout=subprocess.PIPE, text=True))
     try:
         assert holder.stdout.readline().strip() == "held"
         _one_line_error(_stage(proj, "train", "--shards", "data/shards", "--out", "m.safetensors"),

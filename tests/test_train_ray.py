@@ -21,7 +21,7 @@ from cs2fusion.config import load_params
 from cs2fusion.io import InputError
 from pipeline.train import fit, latest_checkpoint, read_history
 from cs2fusion.io import read_image
-from tests.conftest import DATA, RayHead, free_port, start_mlflow_server
+from tests.conftest import DATA, RayHead, free_port, start_mlflow_server, started
 from tests.tiny import env, prepare_and_shard, stage, write_params
 
 # one process of `-n 2` runs all of them, after one another (tests/conftest.py: SHARED_FIXTURE_GROUPS)
@@ -171,8 +171,8 @@ def test_killed_stage_continues_under_dvc_repro(ray_head: RayHead, shards: Path,
                               text=True, timeout=600)
 
     assert run("init", "--no-scm", "-q").returncode == 0
-    repro = subprocess.Popen([dvc, "repro"], cwd=tmp_path, env=env(RAY_ADDRESS=ray_head.address),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    repro = started(subprocess.Popen([dvc, "repro"], cwd=tmp_path, env=env(RAY_ADDRESS=ray_head.address),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     _wait_for_checkpoint(tmp_path / "runs" / "train", 2, repro)
     stage = next(p for p in psutil.Process(repro.pid).children(recursive=True)
                  if "pipeline.train" in " ".join(p.cmdline()))
@@ -204,11 +204,11 @@ def test_tracking_outage_does_not_stop_training(ray_head: RayHead, shards: Path,
     port = free_port()
     server = start_mlflow_server(tmp_path, port)
     uri = f"http://127.0.0.1:{port}"
-    train = subprocess.Popen(
+    train = started(subprocess.Popen(
         [sys.executable, "-m", "pipeline.train", "--shards", str(shards), "--out", "models/model.safetensors",
          "--metrics", "metrics/train.json"], cwd=tmp_path,
         env=env(RAY_ADDRESS=ray_head.address, MLFLOW_TRACKING_URI=uri), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
+        stderr=subprocess.STDOUT, text=True))
     try:
         _wait_for_checkpoint(tmp_path / "runs" / "train", 1, train)
         server.terminate()
