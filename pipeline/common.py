@@ -80,7 +80,8 @@ def stop_on_sigterm() -> None:
         _SIGTERM.set()
         raise Stopped("stopped by SIGTERM")
 
-    signal.signal(signal.SIGTERM, stop)
+    if threading.current_thread() is threading.main_thread():  # not in a sweep's trial (Tune runs it in a thread)
+        signal.signal(signal.SIGTERM, stop)
 
 
 def stopped_by_sigterm() -> bool:
