@@ -225,8 +225,7 @@ def run_sweep(spec: SweepSpec, *, root: Path) -> dict[str, Any]:
                      result.get(spec.metric, float("nan")))
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            done = sum(t.status == "TERMINATED" for t in trials)
-            log.info("trial %s ended (%d of %d trials done)", trial.trial_id, done, len(trials))
+            log.info("trial %s ended at epoch %s", trial.trial_id, (trial.last_result or {}).get("epoch"))
 
     cluster.init()
     context = {"spec": to_dict(spec), "base": data, "root": str(root), "parent": parent.run_id, "folder": str(folder)}
