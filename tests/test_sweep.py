@@ -56,7 +56,7 @@ def test_overrides_nest_and_merge_and_bad_searches_are_refused(tmp_path: Path, m
 @pytest.mark.slow
 @pytest.mark.data
 def test_a_sweep_runs_trials_as_nested_runs_and_stops_the_worst_early(tmp_path: Path) -> None:
-    """``pipeline.sweep`` on the demo shards (sweeps/demo.yaml: 3 learning rates × 2 epochs, 2 at a time, ASHA):
+    """``pipeline.sweep`` on the demo shards (sweeps/demo.yaml: 3 learning rates × 2 epochs of 2 steps, 2 at a time, ASHA):
     one parent MLflow run and 3 nested trial runs carrying their params and ``val/score``; the third trial (a rate
     that wrecks the fine-tune) starts after the first two passed epoch 1, scores below them and is stopped there;
     the table, the best overrides (printed and as a params patch) and the plot are written and logged."""
@@ -70,7 +70,7 @@ def test_a_sweep_runs_trials_as_nested_runs_and_stops_the_worst_early(tmp_path: 
     stage(data, "prepare", "--out", "data/manifest.json")
     stage(data, "shard", "--manifest", "data/manifest.json", "--out", "data/shards")
     shutil.copy(REPO / "sweeps" / "demo.yaml", data / "sweep.yaml")
-    proc = stage(data, "sweep", "sweep.yaml")  # a local Ray instance of its own
+    proc = stage(data, "sweep", "sweep.yaml", timeout=1200)  # a local Ray instance of its own; slow beside the others
     folder = data / "sweeps" / "results" / "demo-lr"
     assert "best overrides" in proc.stderr and "lr_backbone: 0.05" not in proc.stderr.split("best overrides")[1]
     client = MlflowClient(f"sqlite:///{data / 'mlflow.db'}")
