@@ -488,7 +488,6 @@ def test_gate_metrics_are_checked_before_registering(tmp_path: Path) -> None:
 @pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.cluster)])
 def test_previous_runs_are_resumed_or_moved_aside(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """The same on a local folder and in an object store (``train.storage_path: s3://…``)."""
-    from cs2fusion import storage
     from pipeline.train import CODE_FILE, FINGERPRINT_FILE, RUN_ID_FILE, plan_run
 
     run = storage.join(tmp_path if where == "local" else request.getfixturevalue("s3"), "runs", "train")
@@ -567,7 +566,6 @@ def test_a_run_resumed_where_its_mlflow_run_is_unknown_continues_in_a_linked_run
     register, given a model whose training run the store lacks, log to a new run tagged ``model_run``."""
     from mlflow.tracking import MlflowClient
 
-    from cs2fusion import storage
     from pipeline.mlflow_adapter import Tracker, model_run, run_status
     from pipeline.train import RUN_ID_FILE, _new_tracker
 

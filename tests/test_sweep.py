@@ -40,7 +40,8 @@ def test_every_grid_point_of_a_sweep_file_builds_its_params(path: Path, monkeypa
                 assert node == (tuple(value) if isinstance(value, list) else value)
 
 
-def test_overrides_nest_and_merge_and_bad_searches_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_overrides_nest_and_merge_and_bad_searches_are_refused(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
     assert nested({"train.loss": {"max_weight": 2}, "train.loss.grad_weight": 1, "model.map_spread": 0.5}) == {
         "train": {"loss": {"max_weight": 2, "grad_weight": 1}}, "model": {"map_spread": 0.5}}
@@ -56,7 +57,8 @@ def test_overrides_nest_and_merge_and_bad_searches_are_refused(tmp_path: Path, m
 @pytest.mark.slow
 @pytest.mark.data
 def test_a_sweep_runs_trials_as_nested_runs_and_stops_the_worst_early(tmp_path: Path) -> None:
-    """``pipeline.sweep`` on the demo shards (sweeps/demo.yaml: 3 learning rates × 2 epochs of 2 steps, 2 at a time, ASHA):
+    """``pipeline.sweep`` on the demo shards (sweeps/demo.yaml: 3 learning rates × 2 epochs of 2 steps, 2 at a time,
+    ASHA):
     one parent MLflow run and 3 nested trial runs carrying their params and ``val/score``; the third trial (a rate
     that wrecks the fine-tune) starts after the first two passed epoch 1, scores below them and is stopped there;
     the table, the best overrides (printed and as a params patch) and the plot are written and logged."""
