@@ -841,12 +841,18 @@ def test_a_run_has_one_trainer_and_a_dead_holders_lease_is_taken_over(where: str
         RunLease(run, settle_s=0.1).acquire()
     holder.release()
     assert not storage.exists(run + ".lease")
+    zombie = subprocess.Popen(["sleep", "60"])  # killed and not reaped yet: signal 0 still reaches it
+    zombie.kill()
+    time.sleep(0.5)
     for lease in ({"holder": "node-2:17", "host": "node-2", "pid": 17, "token": "t", "since": 0, "expires": 1},
                   {"holder": "x:1", "host": socket.gethostname(), "pid": 2 ** 22 + 7, "token": "t", "since": 0,
-                   "expires": time.time() + 600}):  # expired / a dead process of this host
+                   "expires": time.time() + 600},
+                  {"holder": f"x:{zombie.pid}", "host": socket.gethostname(), "pid": zombie.pid, "token": "t",
+                   "since": 0, "expires": time.time() + 600}):  # expired / a dead process of this host / a zombie
         storage.write_text(run + ".lease", json.dumps(lease))
         with RunLease(run, settle_s=0.1) as taken:
             assert taken.read()["token"] == taken.token
+    zombie.wait()
     storage.write_text(run + ".lease", json.dumps({"holder": "node-2:17", "host": "node-2", "pid": 17, "token": "t",
                                                    "since": 0, "expires": time.time() + 600}))
     with pytest.raises(InputError, match="being trained by node-2:17"):

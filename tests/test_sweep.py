@@ -4,7 +4,6 @@ sweep on the demo shards (Ray Tune over the train stage's trainer, nested MLflow
 from __future__ import annotations
 
 import itertools
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from cs2fusion.config import ParamsError
 from pipeline.sweep import base_params, load_spec, nested, trial_params
-from tests.conftest import REPO
+from tests.conftest import REPO, RayHead
 from tests.tiny import demo_params, stage
 
 SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
@@ -56,12 +55,13 @@ def test_overrides_nest_and_merge_and_bad_searches_are_refused(tmp_path: Path,
 
 @pytest.mark.slow
 @pytest.mark.data
-def test_a_sweep_runs_trials_as_nested_runs_and_stops_the_worst_early(tmp_path: Path) -> None:
-    """``pipeline.sweep`` on the demo shards (sweeps/demo.yaml: 3 learning rates × 2 epochs of 2 steps, 2 at a time,
-    ASHA):
-    one parent MLflow run and 3 nested trial runs carrying their params and ``val/score``; the third trial (a rate
-    that wrecks the fine-tune) starts after the first two passed epoch 1, scores below them and is stopped there;
-    the table, the best overrides (printed and as a params patch) and the plot are written and logged."""
+@pytest.mark.ray
+def test_a_sweep_runs_trials_as_nested_runs_and_stops_the_worst_early(ray_head: RayHead, tmp_path: Path) -> None:
+    """``pipeline.sweep`` on the demo shards (sweeps/demo.yaml, on the session's Ray head, its budget cut to two
+    learning rates × 2 epochs of 2 steps, one trial at a time, ASHA): one parent MLflow run and 2 nested trial runs
+    carrying their params and ``val/score``; the second trial (a rate that wrecks the fine-tune) scores below the first
+    at epoch 1 and is stopped there; the table, the best overrides (printed and as a params patch) and the plot are
+    written and logged."""
 
     data = tmp_path
     demo_params(data)
@@ -71,25 +71,30 @@ def test_a_sweep_runs_trials_as_nested_runs_and_stops_the_worst_early(tmp_path: 
     stage(data, "synth")
     stage(data, "prepare", "--out", "data/manifest.json")
     stage(data, "shard", "--manifest", "data/manifest.json", "--out", "data/shards")
-    shutil.copy(REPO / "sweeps" / "demo.yaml", data / "sweep.yaml")
-    proc = stage(data, "sweep", "sweep.yaml", timeout=1200)  # a local Ray instance of its own; slow beside the others
+    sweep = yaml.safe_load((REPO / "sweeps" / "demo.yaml").read_text())
+    assert 0.05 in sweep["space"]["train.lr_backbone"]["grid"]
+    sweep["space"]["train.lr_backbone"]["grid"] = [2e-4, 0.05]  # in this order: the wrecked one comes second
+    sweep["concurrency"] = 1
+    (data / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    proc = stage(data, "sweep", "sweep.yaml", timeout=900, RAY_ADDRESS=ray_head.address)
     folder = data / "sweeps" / "results" / "demo-lr"
     assert "best overrides" in proc.stderr and "lr_backbone: 0.05" not in proc.stderr.split("best overrides")[1]
     client = MlflowClient(f"sqlite:///{data / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("cs2fusion-demo").experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("stage") == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 3 and parent.info.status == "FINISHED"
+    assert len(children) == 2 and parent.info.status == "FINISHED"
     by_lr = {float(r.data.params["train.lr_backbone"]): r for r in children}
-    assert sorted(by_lr) == [2e-5, 2e-4, 0.05] and all("val/score" in r.data.metrics for r in children)
-    wrecked = by_lr[0.05]
+    assert sorted(by_lr) == [2e-4, 0.05] and all("val/score" in r.data.metrics for r in children)
+    kept, wrecked = by_lr[2e-4], by_lr[0.05]
     assert wrecked.info.status == "KILLED" and wrecked.data.tags["sweep.ended"] == "stopped after epoch 1"
     assert [m.step for m in client.get_metric_history(wrecked.info.run_id, "val/score")] == [1]
-    assert all(r.info.status == "FINISHED" for lr, r in by_lr.items() if lr != 0.05)
-    assert wrecked.data.metrics["val/score"] < min(by_lr[lr].data.metrics["val/score"] for lr in (2e-5, 2e-4))
+    assert kept.info.status == "FINISHED" and kept.data.tags["sweep.ended"] == "finished"
+    assert [m.step for m in client.get_metric_history(kept.info.run_id, "val/score")] == [1, 2]
+    assert wrecked.data.metrics["val/score"] < kept.data.metrics["val/score"]
     table = (folder / "trials.md").read_text()
-    assert table.count("\n") == 5 and "stopped after epoch 1" in table.splitlines()[-1]
-    assert yaml.safe_load((folder / "best.yaml").read_text())["train"]["lr_backbone"] in (2e-5, 2e-4)
+    assert table.count("\n") == 4 and "stopped after epoch 1" in table.splitlines()[-1]
+    assert yaml.safe_load((folder / "best.yaml").read_text())["train"]["lr_backbone"] == 2e-4
     assert (folder / "curves.png").stat().st_size > 0
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.md", "best.yaml", "curves.png"} <= artifacts

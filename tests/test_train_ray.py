@@ -174,8 +174,8 @@ def test_killed_stage_continues_under_dvc_repro(ray_head: RayHead, shards: Path,
     repro = started(subprocess.Popen([dvc, "repro"], cwd=tmp_path, env=env(RAY_ADDRESS=ray_head.address),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     _wait_for_checkpoint(tmp_path / "runs" / "train", 2, repro)
-    stage = next(p for p in psutil.Process(repro.pid).children(recursive=True)
-                 if "pipeline.train" in " ".join(p.cmdline()))
+    stage = next(p for p in psutil.Process(repro.pid).children(recursive=True)  # python itself, not `$SHELL -c`
+                 if "pipeline.train" in p.cmdline())
     stage.kill()
     assert repro.wait(timeout=120) != 0
     killed_run = (tmp_path / "runs" / "train" / "mlflow_run_id").read_text().strip()
