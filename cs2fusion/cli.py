@@ -134,21 +134,33 @@ def evaluate(
                                     "DIR (named after the folder)."),
     out: Path | None = typer.Option(None, help="Write metrics.csv (per image), summary.json (means) and "
                                        "comparison.md here."),
+    peers: list[Path] = typer.Option([], help="Folder of other methods' outputs, <method>/<id>.png|jpg|bmp|tif "
+                                     "(repeatable): each method joins the table and the leaderboard."),
     grid: int = typer.Option(0, min=0, help="Also write grid.png: IR | visible | each method, first N pairs."),
-    baselines: bool = typer.Option(True, help="Add the trivial fusions: pixel mean and pixel max."),
+    crops: int = typer.Option(0, min=0, help="Also write crops.png: the same centred crop of the first N pairs "
+                              "across every method (columns in crops.txt)."),
+    crop_size: int = typer.Option(128, min=16, help="Side of the crops (pixels)."),
+    baselines: bool = typer.Option(True, help="Add the trivial fusions: pixel mean and pixel max (not ranked)."),
     workers: int = typer.Option(0, min=0, help="Processes computing the metrics (0: one per core); same numbers."),
 ) -> None:
     """Score fused images with the field's metrics, exactly as the reference evaluator (MMIF-CDDFuse's) does.
+
+    With two methods or more, a leaderboard follows: each method's rank per main metric (1 = best; equal values
+    share the best rank) and its mean rank (leaderboard.md, leaderboard.json).
 
     Conventions: every image to grey as Y = 0.299 R + 0.587 G + 0.114 B in float, rounded; EN, MI in nats (256
     levels, MI summed over both sources); SD, SF, AG on 0–255; SCD; VIF = pixel-domain VIF (4 scales, noise
     variance 2) summed over both sources; Qabf with Sobel and arctan; SSIM = sum of scikit-image SSIMs (7×7
     window, data range 2) against each source; CC, PSNR, MSE averaged over both sources. Higher is better for all
     but MSE. Means per method; best of each main metric in bold."""
-    from cs2fusion.data.pairs import find_pairs, load_pair
-    from cs2fusion.evaluation import (comparison_table, evaluate_pairs, fused_image, fused_images, summarize,
-                                      write_tables)
-    from cs2fusion.io import read_image, write_png
+    import json
+
+    import numpy as np
+
+    from cs2fusion.data.pairs import Pair, find_pairs, load_pair
+    from cs2fusion.evaluation import (comparison_table, crop_box, evaluate_pairs, fused_image, fused_images,
+                                      leaderboards, leaderboards_markdown, summarize, write_tables)
+    from cs2fusion.io import read_image, write_png, write_text
     from cs2fusion.visual import grid as make_grid
 
     try:
@@ -164,26 +176,51 @@ def evaluate(
             if name in methods or (baselines and name in ("mean", "max")):
                 raise InputError(f"--fused {spec}: the method name {name!r} is taken")
             methods[name] = path
+        for folder in peers:
+            if not folder.is_dir():
+                raise InputError(f"{folder}: not a folder (--peers)")
+            for path in sorted(d for d in folder.iterdir() if d.is_dir()):
+                if path.name in methods or (baselines and path.name in ("mean", "max")):
+                    raise InputError(f"{path}: the method name {path.name!r} is taken (--peers {folder})")
+                methods[path.name] = path
         pairs = find_pairs(ir, vi)
         set_name = ir.resolve().parent.name or "pairs"
         rows = evaluate_pairs(set_name, ((p.id, *load_pair(p)) for p in pairs), methods, baselines=baselines,
                               total=len(pairs), workers=workers)
-        picture = None
+        images = fused_images(methods) if grid or crops else {}
+
+        def cells(pair: Pair, box: tuple[slice, slice] | None) -> list[np.ndarray]:
+            found = [*load_pair(pair), *(read_image(fused_image(images, m, f, set_name, pair.id))
+                                         for m, f in methods.items())]
+            return [c[box] for c in found] if box else found
+
+        pictures = {}
         if grid:
-            images = fused_images(methods)
-            picture = make_grid([[*load_pair(p), *(read_image(fused_image(images, m, f, set_name, p.id))
-                                                   for m, f in methods.items())] for p in pairs[:grid]])
+            pictures["grid.png"] = make_grid([cells(p, None) for p in pairs[:grid]])
+        if crops:
+            pictures["crops.png"] = make_grid([cells(p, crop_box(load_pair(p)[0].shape, crop_size))
+                                               for p in pairs[:crops]], height=crop_size,
+                                              labels=["IR", "visible", *methods])
+        summary = summarize(rows)
+        boards = leaderboards(summary)
         if out:
-            refuse_aliasing(out, ir, vi, *methods.values(), may_hold_sources=True)
+            refuse_aliasing(out, ir, vi, *methods.values(), *peers, may_hold_sources=True)
             out.mkdir(parents=True, exist_ok=True)
             write_tables(rows, out)
-            if picture is not None:
-                write_png(out / "grid.png", picture)
+            if boards:
+                write_text(out / "leaderboard.md", leaderboards_markdown(boards, summary))
+                write_text(out / "leaderboard.json", json.dumps(boards, indent=2) + "\n")
+            for file, picture in pictures.items():
+                write_png(out / file, picture)
+            if crops:
+                write_text(out / "crops.txt", f"columns: IR | visible | {' | '.join(methods)}\n")
     except (InputError, OSError) as err:
         _fail(err)
-    typer.echo(comparison_table(summarize(rows)))
+    typer.echo(comparison_table(summary))
+    if boards:
+        typer.echo(leaderboards_markdown(boards, summary))
     if out:
-        log.info("wrote metrics.csv, summary.json, comparison.md%s to %s", ", grid.png" if grid else "", out)
+        log.info("wrote the tables%s to %s", "".join(f", {f}" for f in pictures), out)
 
 
 @app.command("import-published")

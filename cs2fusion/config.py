@@ -342,13 +342,19 @@ class FuseParams:
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateParams:
-    """``evaluate`` stage: metrics per image and method, the comparison table and visual report."""
+    """``evaluate`` stage: metrics per image and method, the comparison table and visual report. ``peers``: an
+    evaluation set → a folder of other methods' published outputs (``<method>/<id>.png``) ranked beside ours in that
+    set's leaderboard; ``crops``: pairs per set shown as the same centred crop across every method."""
 
     primary_set: str = ""
     report_samples: int = 4
+    peers: dict[str, str] = dataclasses.field(default_factory=dict)
+    crops: int = 4
+    crop_size: int = 128
 
     def __post_init__(self) -> None:
-        _require({"report_samples (>= 0)": self.report_samples >= 0})
+        _require({"report_samples (>= 0)": self.report_samples >= 0, "crops (>= 0)": self.crops >= 0,
+                  "crop_size (>= 16)": self.crop_size >= 16})
 
 
 def _plain(name: str) -> bool:

@@ -159,3 +159,56 @@ def write_tables(rows: list[dict[str, Any]], folder: Path) -> dict[str, dict[str
     write_text(folder / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     write_text(folder / "comparison.md", comparison_table(summary))
     return summary
+
+
+def leaderboard(methods: dict[str, dict[str, float]], metrics: Iterable[str] = MAIN_METRICS) -> list[dict[str, Any]]:
+    """Each method's mean per metric, its rank per metric (1 = best, higher is better; equal values share the best
+    of their ranks: 1, 2, 2, 4) and its mean rank over ``metrics``; best mean rank first (equal ones by name)."""
+    from scipy.stats import rankdata
+
+    metrics, names = list(metrics), list(methods)
+    ranks = {m: rankdata([-methods[n][m] for n in names], method="min") for m in metrics}
+    rows = [{"method": n, **{m: float(methods[n][m]) for m in metrics},
+             **{f"rank/{m}": int(ranks[m][i]) for m in metrics},
+             "mean_rank": float(np.mean([ranks[m][i] for m in metrics]))} for i, n in enumerate(names)]
+    return sorted(rows, key=lambda r: (r["mean_rank"], r["method"]))
+
+
+def leaderboard_table(rows: list[dict[str, Any]], metrics: Iterable[str] = MAIN_METRICS) -> str:
+    """:func:`leaderboard` rows as Markdown: each cell the mean and its rank, 1st places in bold, mean rank last."""
+    metrics = list(metrics)
+    lines = ["| # | method | " + " | ".join(metrics) + " | mean rank |", "|---" * (len(metrics) + 3) + "|"]
+    for place, row in enumerate(rows, 1):
+        cells = [f"{row[m]:.4g} ({row[f'rank/{m}']})" for m in metrics]
+        cells = [f"**{c}**" if row[f"rank/{m}"] == 1 else c for c, m in zip(cells, metrics)]
+        lines.append(f"| {place} | {row['method']} | " + " | ".join(cells) + f" | {row['mean_rank']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def crop_box(shape: tuple[int, ...], size: int) -> tuple[slice, slice]:
+    """The centred ``size`` × ``size`` window of an image of ``shape`` (smaller where the image is)."""
+    h, w = shape[:2]
+    ch, cw = min(size, h), min(size, w)
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return slice(top, top + ch), slice(left, left + cw)
+
+
+def leaderboards(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, list[dict[str, Any]]]:
+    """:func:`leaderboard` of each set with at least two methods; the trivial baselines are not ranked."""
+    boards = {}
+    for name, methods in summary.items():
+        ranked = {m: v for m, v in methods.items() if m not in BASELINES}
+        if len(ranked) >= 2:
+            boards[name] = leaderboard(ranked)
+    return boards
+
+
+def leaderboards_markdown(boards: dict[str, list[dict[str, Any]]], summary: dict[str, dict[str, dict[str, float]]]
+                          ) -> str:
+    """Each set's leaderboard as Markdown under a heading naming the set and its pair count."""
+    parts = []
+    for name, rows in boards.items():
+        n = next(iter(summary[name].values()))["n"]
+        parts += [f"**{name}** ({n} pairs, {len(rows)} methods; rank per metric in brackets, mean rank over the "
+                  f"{len(MAIN_METRICS)} main metrics)", "", leaderboard_table(rows)]
+    return "\n".join(parts)

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 from PIL import Image
@@ -33,9 +33,14 @@ class InputError(ValueError):
 
 def read_image(path: str | Path) -> np.ndarray:
     """An 8-bit image as uint8, (H, W) for grey or (H, W, 3) for colour; anything else raises InputError."""
-    path = Path(path)
+    return decode_image(Path(path), str(path))
+
+
+def decode_image(source: Path | BinaryIO, name: str) -> np.ndarray:
+    """:func:`read_image` of a file or of an open binary stream (an upload), errors naming it ``name``."""
+    path = name
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             mode = img.mode
             if mode == "P" and "transparency" not in img.info:
@@ -64,7 +69,11 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def read_grey(path: str | Path) -> np.ndarray:
     """An 8-bit image as grey uint8 (H, W); colour becomes BT.601 luminance rounded to the nearest level."""
-    array = read_image(path)
+    return as_grey(read_image(path))
+
+
+def as_grey(array: np.ndarray) -> np.ndarray:
+    """A uint8 image as grey (H, W): colour becomes BT.601 luminance rounded to the nearest level."""
     if array.ndim == 3:
         array = np.clip(np.round(rgb_to_grey(array)), 0, 255).astype(np.uint8)
     return array

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from cs2fusion.checkpoint import read_meta
 from cs2fusion.data.shards import iter_eval, read_index, set_files, set_prefix
-from cs2fusion.evaluation import comparison_table, evaluate_set, wins, write_tables
+from cs2fusion.evaluation import (BASELINES, comparison_table, crop_box, evaluate_set, fused_image,
+                                  fused_images, leaderboards, leaderboards_markdown, wins, write_tables)
 from cs2fusion.io import InputError, atomic_dir, read_image, write_png, write_text
 from cs2fusion.metrics import ALL_METRICS, MAIN_METRICS, METRICS_VERSION
 from cs2fusion.visual import grid
@@ -37,13 +38,34 @@ def _bar_chart(summary: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def _samples(files: list[str], fused: dict[str, Path], count: int) -> list[list]:
-    rows = []
+def _samples(name: str, files: list[str], fused: dict[str, Path], count: int, crop: int = 0) -> list[list]:
+    """The first ``count`` pairs of set ``name`` as rows IR | visible | each method's fused image (the centred
+    ``crop`` of each)."""
+    rows, images = [], fused_images(fused)
     for k, (meta, ir, vi) in enumerate(iter_eval(files)):
         if k >= count:
             break
-        rows.append([ir, vi, *(read_image(folder / f"{meta['id']}.png") for folder in fused.values())])
+        row = [ir, vi, *(read_image(fused_image(images, m, f, name, meta["id"])) for m, f in fused.items())]
+        rows.append([image[crop_box(ir.shape, crop)] for image in row] if crop else row)
     return rows
+
+
+def _peers(peers: dict[str, str], sets: list[str], ours: list[str]) -> dict[str, dict[str, Path]]:
+    """evaluate.peers resolved: set → {method: its folder}; an unknown set, a missing folder or a method name that
+    is taken raises before anything is written."""
+    out = {}
+    for name, folder in peers.items():
+        if name not in sets:
+            raise InputError(f"evaluate.peers: {name!r} is not among the shards' evaluation sets {sets}")
+        path = Path(folder)
+        if not path.is_dir():
+            raise InputError(f"{path}: not a folder (evaluate.peers.{name})")
+        methods = {d.name: d for d in sorted(path.iterdir()) if d.is_dir()}
+        taken = sorted(set(methods) & {*ours, *BASELINES})
+        if taken:
+            raise InputError(f"{path}: method names {taken} are taken by the fuse stage or the baselines")
+        out[name] = methods
+    return out
 
 
 def _log_to_mlflow(params, model: Path, summary: dict, report: Path) -> None:
@@ -60,6 +82,10 @@ def _log_to_mlflow(params, model: Path, summary: dict, report: Path) -> None:
         for method, metrics in methods.items():
             prefix = f"eval/{name}" if method == "ours" else f"eval/{name}/{method}"
             values.update({f"{prefix}/{m}": metrics[m] for m in ALL_METRICS})
+    for name, rows in leaderboards(summary).items():
+        for place, row in enumerate(rows, 1):
+            if row["method"] == "ours":
+                values.update({f"leaderboard/{name}/mean_rank": row["mean_rank"], f"leaderboard/{name}/place": place})
     tracker.metrics(values, step=0)
     for path in sorted(report.iterdir()):
         tracker.artifact(path, "evaluation")
@@ -84,17 +110,31 @@ def main() -> None:
     if not args.fused.is_dir():
         raise InputError(f"{args.fused}: not a folder (run the fuse stage)")
     methods = sorted(d.name for d in args.fused.iterdir() if d.is_dir())
+    peers = _peers(params.evaluate.peers, sets, methods)
     rows = []
     with atomic_dir(args.report, "evaluate", inputs=(args.fused, args.shards)) as tmp:
         for name in sets:
-            fused = {m: args.fused / m / set_prefix(name) for m in methods}
+            fused = {**{m: args.fused / m / set_prefix(name) for m in methods}, **peers.get(name, {})}
             rows += evaluate_set(name, set_files(args.shards, name), fused)
-            samples = _samples(set_files(args.shards, name), fused, params.evaluate.report_samples)
+            ours = {m: fused[m] for m in methods}
+            samples = _samples(name, set_files(args.shards, name), ours, params.evaluate.report_samples)
             write_png(tmp / f"samples_{set_prefix(name)}.png", grid(samples))
             (tmp / f"samples_{set_prefix(name)}.txt").write_text("columns: IR | visible | " + " | ".join(methods))
+            if params.evaluate.crops:
+                crops = _samples(name, set_files(args.shards, name), fused, params.evaluate.crops,
+                                 crop=params.evaluate.crop_size)
+                write_png(tmp / f"crops_{set_prefix(name)}.png", grid(crops, height=params.evaluate.crop_size,
+                                                                     labels=["IR", "visible", *fused]))
+                (tmp / f"crops_{set_prefix(name)}.txt").write_text("columns: IR | visible | " + " | ".join(fused))
         summary = write_tables(rows, tmp)
+        boards = leaderboards(summary)
+        if boards:
+            write_text(tmp / "leaderboard.md", leaderboards_markdown(boards, summary))
+            write_text(tmp / "leaderboard.json", json.dumps(boards, indent=2) + "\n")
         _bar_chart(summary, tmp / "comparison.png")
-    result = {"primary_set": primary, "metrics_version": METRICS_VERSION, "sets": summary}
+    result = {"primary_set": primary, "metrics_version": METRICS_VERSION, "sets": summary,
+              "leaderboards": {n: {r["method"]: {"mean_rank": r["mean_rank"], "place": place}
+                                   for place, r in enumerate(board, 1)} for n, board in boards.items()}}
     if "published" in summary[primary]:
         result["ours_beats_published_on"] = {n: wins(m["ours"], m["published"]) for n, m in summary.items()}
     write_text(args.metrics, json.dumps(result, indent=2, sort_keys=True) + "\n")

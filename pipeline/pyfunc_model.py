@@ -38,14 +38,7 @@ class FusionModel(mlflow.pyfunc.PythonModel):
         self.fuser = Fuser(load_checkpoint(context.artifacts["checkpoint"]).backbone)
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 (see _skip_type_hint_validation)
-        ir, vi = np.asarray(model_input["ir"]), np.asarray(model_input["vi"])
-        if ir.ndim != 3 or vi.ndim != 4 or vi.shape[:3] != ir.shape or vi.shape[3] not in (1, 3):
-            raise ValueError(f"expected ir (N, H, W) and vi (N, H, W, 1|3), got {ir.shape} and {vi.shape}")
-        out = []
-        for i, v in zip(ir, vi):
-            fused = self.fuser.fuse(vis=v if v.shape[2] == 3 else v[:, :, 0], ir=i)
-            out.append(fused if fused.ndim == 3 else fused[:, :, None])
-        return np.stack(out)
+        return self.fuser.fuse_stack(vis=np.asarray(model_input["vi"]), ir=np.asarray(model_input["ir"]))
 
 
 mlflow.models.set_model(FusionModel())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cs2fusion.checkpoint import read_meta
 from cs2fusion.config import Params, to_dict
-from cs2fusion.evaluation import comparison_table
+from cs2fusion.evaluation import comparison_table, leaderboards, leaderboards_markdown
 from cs2fusion.io import InputError, write_text
 from cs2fusion.metrics import MAIN_METRICS, METRICS_VERSION
 from pipeline.common import clean_errors, parser, setup
@@ -38,6 +38,9 @@ def model_card(params: Params, meta: dict, evaluation: dict) -> str:
         "## Evaluation (means; the field's reference metric conventions)",
         "",
         comparison_table(evaluation["sets"], MAIN_METRICS),
+        "## Leaderboards (the baselines not ranked)",
+        "",
+        leaderboards_markdown(leaderboards(evaluation["sets"]), evaluation["sets"]),
     ])
 
 

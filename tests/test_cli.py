@@ -285,3 +285,40 @@ def test_fuse_names_the_files_it_does_not_read(tmp_path: Path) -> None:
                                       str(tmp_path / "out")])
     assert result.exit_code == 2 and f"{gif} is not an image type read" in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.data
+def test_evaluate_ranks_peers_in_a_leaderboard_with_crops(tmp_path: Path) -> None:
+    """``--peers`` (a folder of ``<method>/<id>.png``) puts each method in the table and the leaderboard (ranks and
+    mean rank; the baselines not ranked), with the same crop across every method; a peer named like a method given
+    with ``--fused`` is refused in one line."""
+    import json
+
+    ids = ("1", "2", "3")
+    for kind in ("ir", "vi", "fused_published"):
+        (tmp_path / kind).mkdir()
+        for i in ids:
+            shutil.copy(RS40 / kind / f"{i}.png", tmp_path / kind / f"{i}.png")
+    out = tmp_path / "report"
+    args = ["evaluate", "--ir", str(tmp_path / "ir"), "--vi", str(tmp_path / "vi"), "--fused",
+            f"published={tmp_path / 'fused_published'}", "--peers", str(DATA / "peers" / "roadscene40")]
+    result = CliRunner().invoke(app, [*args, "--out", str(out), "--crops", "2", "--crop-size", "64", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    board = json.loads((out / "leaderboard.json").read_text())[tmp_path.name]
+    assert [row["method"] for row in board] == sorted((r["method"] for r in board),
+                                                      key=lambda m: next(r["mean_rank"] for r in board
+                                                                         if r["method"] == m))
+    assert {row["method"] for row in board} == {"published", "AUIF", "DIDFuse"}
+    summary = json.loads((out / "summary.json").read_text())[tmp_path.name]
+    for row in board:  # each rank is the place of the method's mean among the three
+        for metric in ("EN", "VIF", "SSIM"):
+            better = sum(summary[m][metric] > row[metric] for m in ("published", "AUIF", "DIDFuse"))
+            assert row[f"rank/{metric}"] == better + 1
+    assert "mean rank" in result.output
+    assert (out / "leaderboard.md").read_text().count("\n| ") == 1 + 3  # the header and 3 methods
+    crops = read_image(out / "crops.png")
+    assert crops.shape[0] == 14 + 4 + 2 * 64 + 4 and "published | AUIF | DIDFuse" in (out / "crops.txt").read_text()
+    clash = tmp_path / "clash" / "published"
+    shutil.copytree(tmp_path / "fused_published", clash)
+    taken = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "clash")])
+    assert taken.exit_code != 0 and "the method name 'published' is taken" in taken.output

@@ -108,3 +108,21 @@ def test_metrics_over_processes_are_the_same_numbers(tmp_path) -> None:
     assert [(r["id"], r["method"]) for r in one] == [(p.id, m) for p in pairs
                                                      for m in ("DenseFuse", "SeAFusion", "mean", "max")]
     assert rows(2) == one
+
+
+def test_leaderboard_ranks_ties_and_mean_ranks_on_a_hand_made_table() -> None:
+    """Four methods × three metrics, with ties: equal values share the best of their ranks (1, 1, 3, 4), every
+    method ties on Z, and equal mean ranks are ordered by name."""
+    from cs2fusion.evaluation import leaderboard, leaderboard_table
+
+    table = {"A": {"X": 3.0, "Y": 1.0, "Z": 5.0}, "B": {"X": 3.0, "Y": 2.0, "Z": 5.0},
+             "C": {"X": 1.0, "Y": 3.0, "Z": 5.0}, "D": {"X": 2.0, "Y": 3.0, "Z": 5.0}}
+    rows = leaderboard(table, ["X", "Y", "Z"])
+    ranks = {r["method"]: (r["rank/X"], r["rank/Y"], r["rank/Z"]) for r in rows}
+    assert ranks == {"A": (1, 4, 1), "B": (1, 3, 1), "C": (4, 1, 1), "D": (3, 1, 1)}
+    assert [(r["method"], r["mean_rank"]) for r in rows] == [("B", pytest.approx(5 / 3)), ("D", pytest.approx(5 / 3)),
+                                                              ("A", 2.0), ("C", 2.0)]
+    lines = leaderboard_table(rows, ["X", "Y", "Z"]).splitlines()
+    assert lines[0] == "| # | method | X | Y | Z | mean rank |"
+    assert lines[2] == "| 1 | B | **3 (1)** | 2 (3) | **5 (1)** | 1.67 |"
+    assert lines[5] == "| 4 | C | 1 (4) | **3 (1)** | **5 (1)** | 2.00 |"

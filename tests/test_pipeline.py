@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cs2fusion.io import read_image
 from tests.conftest import DATA, REPO, SHARED
 from tests.tiny import TINY, env
 
@@ -41,7 +42,12 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["synth"].update({"pairs": 2, "width": 48, "height": 48})
     params["train"].update({"epochs": 1, "max_steps_per_epoch": 2, "val_set": "tno/test"})
     params["prepare"]["datasets"][0]["root"] = str(DATA / "tno40")
-    params["evaluate"] = {"primary_set": "tno/test", "report_samples": 2}
+    peers = root / "peers"  # two of the published methods' own outputs on tno40, ranked beside ours
+    for method in ("SeAFusion", "IFCNN"):
+        peers.mkdir(exist_ok=True)
+        (peers / method).symlink_to(DATA / "peers" / "tno40" / method)
+    params["evaluate"] = {"primary_set": "tno/test", "report_samples": 2, "peers": {"tno/test": str(peers)},
+                          "crops": 2}
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc_yaml = (dst / "dvc.yaml").read_text().replace("reports/samples_demo-test.png", "reports/samples_tno-test.png")
     (dst / "dvc.yaml").write_text(dvc_yaml)
@@ -59,7 +65,13 @@ def test_dvc_repro_end_to_end(project: Path) -> None:
         assert noise not in out, f"{noise!r} in the output:\n{out[-4000:]}"
     assert "epoch 1/1: loss/backbone" in out  # the driver's progress (a live bar on a terminal, lines here)
     evaluation = json.loads((project / "metrics" / "evaluate.json").read_text())
-    assert set(evaluation["sets"]["tno/test"]) == {"ours", "published", "mean", "max"}
+    assert set(evaluation["sets"]["tno/test"]) == {"ours", "published", "mean", "max", "SeAFusion", "IFCNN"}
+    board = evaluation["leaderboards"]["tno/test"]  # the baselines are not ranked
+    assert set(board) == {"ours", "published", "SeAFusion", "IFCNN"}
+    assert sorted(entry["place"] for entry in board.values()) == [1, 2, 3, 4]
+    assert "| ours |" in (project / "reports" / "leaderboard.md").read_text()
+    crops = read_image(project / "reports" / "crops_tno-test.png")  # a header, 2 pairs × (IR, visible, 4 methods)
+    assert crops.shape[0] == 14 + 4 + 2 * 128 + 4 and (project / "reports" / "crops_tno-test.txt").read_text().count("|") == 5
     assert len(list((project / "fused" / "ours" / "tno-test").glob("*.png"))) == 10
     assert json.loads((project / "metrics" / "register.json").read_text())["promoted"] is True
 

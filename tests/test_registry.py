@@ -3,16 +3,21 @@ and a fresh process that loads ``@champion`` and fuses a real pair exactly as th
 
 from __future__ import annotations
 
+import http.client
+import io
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from cs2fusion.checkpoint import load_checkpoint, save_checkpoint
 from cs2fusion.inference import Fuser
@@ -139,39 +144,111 @@ def test_register_gate_and_fresh_process_load(server: str, published_ckpt: Path,
     assert np.array_equal(read_image(tmp_path / "cli" / "1.png"), expected)
 
 
-def test_rest_serving_of_the_champion(server: str, published_ckpt: Path, tmp_path: Path) -> None:
-    """``mlflow models serve -m models:/<name>@champion`` in a fresh process answers POST /invocations with the
-    fused image of a real colour pair, equal to the library's (the README's curl example, in Python)."""
+def _post(url: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def _declared(port: int, length: int) -> tuple[int, bytes]:
+    """POST /invocations declaring a ``length``-byte JSON body, answered before any of it is sent."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.putrequest("POST", "/invocations")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(length))
+    connection.endheaders()
+    response = connection.getresponse()
+    try:
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def _multipart(**files: bytes) -> tuple[bytes, str]:
+    parts = [f'--b0\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n\r\n'.encode()
+             + data + b"\r\n" for name, data in files.items()]
+    return b"".join(parts) + b"--b0--\r\n", "multipart/form-data; boundary=b0"
+
+
+def _png(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _refused(answer: tuple[int, bytes], status: int, says: str) -> None:
+    code, body = answer
+    message = json.loads(body)["message"]
+    assert code == status and says in message and "\n" not in message and len(message) < 200, (code, message)
+
+
+def test_serving_the_champion_bounds_each_request(server: str, published_ckpt: Path, tmp_path: Path) -> None:
+    """``python -m pipeline.serve -m models:/<name>@champion`` in a fresh process (limits cut to test size): a real
+    colour pair as MLflow's JSON and as PNG files is fused exactly as the library fuses it; floats, ragged arrays,
+    a size mismatch, 2- and 4-channel visible images answer 400 in one line; a body over the limit and a pair over
+    the pixel limit 413; small requests are answered while a large one fuses."""
     name = "cs2fusion-serve-test"
     assert _register(server, published_ckpt, GOOD, tmp_path, name=name)["promoted"]
     port, log_file = free_port(), tmp_path / "serve.log"
-    start = time.time()
     with open(log_file, "w") as log:
-        proc = started(subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
-                                         f"models:/{name}@champion", "--env-manager", "local", "--host", "127.0.0.1",
-                                         "--port", str(port), "--workers", "1"],
-                                        cwd=tmp_path, env=env(MLFLOW_TRACKING_URI=server), stdout=log, stderr=log))
+        proc = started(subprocess.Popen(
+            [sys.executable, "-m", "pipeline.serve", "-m", f"models:/{name}@champion", "--port", str(port),
+             "--max-body-mb", "4", "--max-pixels", "2000000", "--small-pixels", "200000"],
+            cwd=tmp_path, env=env(MLFLOW_TRACKING_URI=server), stdout=log, stderr=log))
     try:
         url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
         while True:
             try:
                 urllib.request.urlopen(f"{url}/ping", timeout=2)
                 break
             except OSError:
-                assert proc.poll() is None and time.time() < start + 180, log_file.read_text()[-3000:]
+                assert proc.poll() is None and time.time() < deadline, log_file.read_text()[-3000:]
                 time.sleep(1)
-        up = time.time() - start
         ir, vi = read_image(RS40 / "ir" / "1.png"), read_image(RS40 / "vi" / "1.png")
-        body = json.dumps({"inputs": {"ir": ir[None].tolist(), "vi": vi[None].tolist()}}).encode()
-        request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
-        t0 = time.time()
-        with urllib.request.urlopen(request, timeout=120) as response:
-            answer = json.loads(response.read())
-        took = time.time() - t0
-        fused = np.asarray(answer["predictions"], dtype=np.uint8)[0]
         expected = Fuser(load_checkpoint(published_ckpt).backbone).fuse(vis=vi, ir=ir)
-        assert np.array_equal(fused, expected)
-        print(f"server up in {up:.1f} s, one {ir.shape[1]}x{ir.shape[0]} pair in {took:.2f} s")
+        status, body = _post(f"{url}/invocations", json.dumps(
+            {"inputs": {"ir": ir[None].tolist(), "vi": vi[None].tolist()}}).encode(), "application/json")
+        assert status == 200 and np.array_equal(np.asarray(json.loads(body)["predictions"], np.uint8)[0], expected)
+        status, body = _post(f"{url}/fuse", *_multipart(ir=_png(ir), vi=_png(vi)))
+        assert status == 200 and np.array_equal(np.asarray(Image.open(io.BytesIO(body))), expected)
+
+        def invoke(ir_value: object, vi_value: object) -> tuple[int, bytes]:
+            return _post(f"{url}/invocations", json.dumps({"inputs": {"ir": ir_value, "vi": vi_value}}).encode(),
+                         "application/json")
+
+        grey = [[[0, 10], [20, 30]]]
+        _refused(invoke([[[0.0, 0.1], [0.2, 0.3]]], [[[[0], [0]], [[0], [0]]]]), 400, "floats are refused")
+        _refused(invoke([[[0, 10], [20]]], [[[[0], [0]], [[0], [0]]]]), 400, "not a rectangular array")
+        _refused(invoke(grey, [[[[0, 1], [0, 1]], [[0, 1], [0, 1]]]]), 400, "vi has 2 channels")
+        _refused(invoke(grey, [[[[0] * 4] * 3] * 2]), 400, "vi has 4 channels")
+        _refused(invoke([[[0, 10, 3], [20, 30, 3]]], [[[[0], [0]], [[0], [0]]]]), 400, "differ")
+        _refused(invoke([[[0, 300], [20, 30]]], [[[[0], [0]], [[0], [0]]]]), 400, "outside 0-255")
+        _refused(_post(f"{url}/fuse", *_multipart(ir=_png(ir), vi=_png(vi[:-16]))), 400, "differ in size")
+        _refused(_post(f"{url}/fuse", *_multipart(ir=_png(ir)[:1000], vi=_png(vi))), 400, "corrupt or truncated")
+        _refused(_declared(port, 5 * 2 ** 20), 413, "over 4 MB")  # answered from the headers: no body is sent
+        huge = np.zeros((1200, 1800), np.uint8)  # 2.16 MP in a few kB: under the body limit, over the pixel limit
+        _refused(_post(f"{url}/fuse", *_multipart(ir=_png(huge), vi=_png(huge))), 413, "2000000-pixel limit")
+
+        large = {"ir": _png(np.asarray(Image.fromarray(ir).resize((1600, 1200)))),
+                 "vi": _png(np.asarray(Image.fromarray(vi).resize((1600, 1200))))}
+        answered, done = [], threading.Event()
+
+        def fuse_large() -> None:
+            answered.append(("large", _post(f"{url}/fuse", *_multipart(**large))[0]))
+            done.set()
+
+        worker = threading.Thread(target=fuse_large)
+        worker.start()
+        time.sleep(1.0)
+        while not done.is_set() and len(answered) < 3:
+            answered.append(("small", invoke(ir[None, :64, :64].tolist(), vi[None, :64, :64].tolist())[0]))
+        worker.join(timeout=300)
+        assert answered[:3] == [("small", 200)] * 3 and answered[-1] == ("large", 200), answered
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    assert proc.returncode in (0, -15), log_file.read_text()[-3000:]

@@ -104,3 +104,23 @@ class Fuser:
             y, cb, cr = rgb_to_ycbcr_bt601_full(vis)
             return to_uint8(ycbcr_to_rgb_bt601_full(self.fuse_y(vis_y=y, ir=ir), cb, cr))
         return to_uint8(self.fuse_y(vis_y=vis.astype(np.float32), ir=ir))
+
+    def fuse_stack(self, *, vis: np.ndarray, ir: np.ndarray) -> np.ndarray:
+        """The served layout: vis uint8 (N, H, W, 1|3), ir uint8 (N, H, W) → fused uint8 (N, H, W, 1|3), each pair
+        as :meth:`fuse`; another shape raises InputError in one line."""
+        check_stack(vis=vis, ir=ir)
+        out = []
+        for v, i in zip(vis, ir):
+            fused = self.fuse(vis=v if v.shape[2] == 3 else v[:, :, 0], ir=i)
+            out.append(fused if fused.ndim == 3 else fused[:, :, None])
+        return np.stack(out)
+
+
+def check_stack(*, vis: np.ndarray, ir: np.ndarray) -> None:
+    """ir (N, H, W) and vis (N, H, W, 1|3) of the same N, H, W, else InputError in one line."""
+    if ir.ndim != 3 or vis.ndim != 4:
+        raise InputError(f"expected ir (N, H, W) and vi (N, H, W, 1|3), got ir {ir.shape} and vi {vis.shape}")
+    if vis.shape[3] not in (1, 3):
+        raise InputError(f"vi has {vis.shape[3]} channels: send grey (1) or RGB (3), without alpha")
+    if vis.shape[:3] != ir.shape:
+        raise InputError(f"ir {ir.shape} and vi {vis.shape[:3]} differ: each pair must have one size")
