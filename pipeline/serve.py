@@ -88,14 +88,14 @@ def _size(data: bytes) -> tuple[int, int]:
         return 0, 0
 
 
-def _image(name: str, data: bytes, filename: str, max_pixels: int) -> np.ndarray:
-    """An uploaded image, its size checked before its pixels are decoded."""
-    label = f"{name} ({filename or 'upload'})"
-    width, height = _size(data)
-    if width * height > max_pixels:
-        raise Refused(413, f"{label}: {width}x{height} is over the {max_pixels}-pixel limit (--max-pixels)")
+def _label(name: str, filename: str) -> str:
+    return f"{name} ({filename or 'upload'})"
+
+
+def _image(name: str, data: bytes, filename: str) -> np.ndarray:
+    """An uploaded image decoded with ``fuse``'s input policy; a bad one is a 400 naming it."""
     try:
-        return decode_image(io.BytesIO(data), label)
+        return decode_image(io.BytesIO(data), _label(name, filename))
     except InputError as err:
         raise Refused(400, str(err)) from None
 
@@ -229,8 +229,8 @@ def app(service: Service) -> Any:
         def work(fuser: Any) -> bytes:
             from PIL import Image
 
-            ir = as_grey(_image("ir", *files["ir"], limits.max_pixels))  # as the fuse command reads infrared
-            vi = _image("vi", *files["vi"], limits.max_pixels)
+            ir = as_grey(_image("ir", *files["ir"]))  # as the fuse command reads infrared
+            vi = _image("vi", *files["vi"])
             if ir.shape[:2] != vi.shape[:2]:
                 raise Refused(400, f"ir {ir.shape[1]}x{ir.shape[0]} and vi {vi.shape[1]}x{vi.shape[0]} differ in "
                                    "size: the pair must be registered")
@@ -239,7 +239,13 @@ def app(service: Service) -> Any:
             Image.fromarray(fused).save(out, format="PNG", compress_level=1)
             return out.getvalue()
 
-        pixels = max(w * h for w, h in (_size(data) for data, _ in files.values()))  # decoded inside the lane
+        pixels = 0
+        for name, (data, filename) in files.items():  # from the headers: decoded only inside a lane
+            width, height = _size(data)
+            if width * height > limits.max_pixels:
+                raise Refused(413, f"{_label(name, filename)}: {width}x{height} is over the {limits.max_pixels}-pixel "
+                                   "limit (--max-pixels)")
+            pixels = max(pixels, width * height)
         return Response(await service.run(pixels, work), media_type="image/png")
 
     routes = [Route("/ping", endpoint(ping), methods=["GET"]), Route("/health", endpoint(ping), methods=["GET"]),
