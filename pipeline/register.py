@@ -38,9 +38,8 @@ def model_card(params: Params, meta: dict, evaluation: dict) -> str:
         "## Evaluation (means; the field's reference metric conventions)",
         "",
         comparison_table(evaluation["sets"], MAIN_METRICS),
-        "## Leaderboards (the baselines not ranked)",
-        "",
-        leaderboards_markdown(leaderboards(evaluation["sets"]), evaluation["sets"]),
+        *(["## Leaderboards (the baselines not ranked)", "", leaderboards_markdown(boards, evaluation["sets"])]
+          if (boards := leaderboards(evaluation["sets"])) else []),
     ])
 
 

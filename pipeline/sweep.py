@@ -178,7 +178,8 @@ def _plot(rows: list[dict[str, Any]], metric: str, out: Path) -> None:
 def _close_children(uri: str, parent: str, rows: list[dict[str, Any]]) -> None:
     """Ends the trials' MLflow runs that their trial did not end (Tune stops a trial at its scheduler's decision,
     the last epoch included): FINISHED after every epoch, KILLED when stopped early, FAILED on an error; the reason
-    as the tag ``sweep.ended``."""
+    as the tag ``sweep.ended``. A stopped trial whose teardown ended its run FAILED (its Train controller killed
+    mid-epoch) is KILLED too, without that failure."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -188,9 +189,11 @@ def _close_children(uri: str, parent: str, rows: list[dict[str, Any]]) -> None:
         row = by_trial.get(child.data.tags.get("sweep.trial", ""))
         reason = row["status"] if row else "the sweep ended"
         client.set_tag(child.info.run_id, "sweep.ended", reason)
-        if child.info.status == "RUNNING":
-            status = {"finished": "FINISHED", "error": "FAILED"}.get(reason, "KILLED")
+        status = {"finished": "FINISHED", "error": "FAILED"}.get(reason, "KILLED")
+        if child.info.status == "RUNNING" or (status == "KILLED" and child.info.status == "FAILED"):
             client.set_terminated(child.info.run_id, status)
+            if child.info.status == "FAILED" and "failure" in child.data.tags:
+                client.delete_tag(child.info.run_id, "failure")
 
 
 def run_sweep(spec: SweepSpec, *, root: Path) -> dict[str, Any]:
