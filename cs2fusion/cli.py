@@ -153,13 +153,12 @@ def evaluate(
     variance 2) summed over both sources; Qabf with Sobel and arctan; SSIM = sum of scikit-image SSIMs (7×7
     window, data range 2) against each source; CC, PSNR, MSE averaged over both sources. Higher is better for all
     but MSE. Means per method; best of each main metric in bold."""
-    import json
-
     import numpy as np
 
     from cs2fusion.data.pairs import Pair, find_pairs, load_pair
-    from cs2fusion.evaluation import (comparison_table, crop_box, evaluate_pairs, fused_image, fused_images,
-                                      leaderboards, leaderboards_markdown, summarize, write_tables)
+    from cs2fusion.evaluation import (BASELINES, comparison_table, crop_box, evaluate_pairs, fused_image,
+                                      fused_images, leaderboards, leaderboards_markdown, method_folders, summarize,
+                                      write_leaderboards, write_tables)
     from cs2fusion.io import read_image, write_png, write_text
     from cs2fusion.visual import grid as make_grid
 
@@ -173,33 +172,32 @@ def evaluate(
                 raise InputError(f"--fused {spec}: empty method name (NAME=DIR)")
             if not path.is_dir():
                 raise InputError(f"{path}: not a folder (--fused {spec})")
-            if name in methods or (baselines and name in ("mean", "max")):
+            if name in methods or (baselines and name in BASELINES):
                 raise InputError(f"--fused {spec}: the method name {name!r} is taken")
             methods[name] = path
         for folder in peers:
             if not folder.is_dir():
                 raise InputError(f"{folder}: not a folder (--peers)")
-            for path in sorted(d for d in folder.iterdir() if d.is_dir()):
-                if path.name in methods or (baselines and path.name in ("mean", "max")):
-                    raise InputError(f"{path}: the method name {path.name!r} is taken (--peers {folder})")
-                methods[path.name] = path
+            for name, path in method_folders(folder).items():
+                if name in methods or (baselines and name in BASELINES):
+                    raise InputError(f"{path}: the method name {name!r} is taken (--peers {folder})")
+                methods[name] = path
         pairs = find_pairs(ir, vi)
         set_name = ir.resolve().parent.name or "pairs"
         rows = evaluate_pairs(set_name, ((p.id, *load_pair(p)) for p in pairs), methods, baselines=baselines,
                               total=len(pairs), workers=workers)
         images = fused_images(methods) if grid or crops else {}
 
-        def cells(pair: Pair, box: tuple[slice, slice] | None) -> list[np.ndarray]:
+        def cells(pair: Pair, crop: int = 0) -> list[np.ndarray]:
             found = [*load_pair(pair), *(read_image(fused_image(images, m, f, set_name, pair.id))
                                          for m, f in methods.items())]
-            return [c[box] for c in found] if box else found
+            return [c[crop_box(found[0].shape, crop)] for c in found] if crop else found
 
         pictures = {}
         if grid:
-            pictures["grid.png"] = make_grid([cells(p, None) for p in pairs[:grid]])
+            pictures["grid.png"] = make_grid([cells(p) for p in pairs[:grid]])
         if crops:
-            pictures["crops.png"] = make_grid([cells(p, crop_box(load_pair(p)[0].shape, crop_size))
-                                               for p in pairs[:crops]], height=crop_size,
+            pictures["crops.png"] = make_grid([cells(p, crop_size) for p in pairs[:crops]], height=crop_size,
                                               labels=["IR", "visible", *methods])
         summary = summarize(rows)
         boards = leaderboards(summary)
@@ -207,9 +205,7 @@ def evaluate(
             refuse_aliasing(out, ir, vi, *methods.values(), *peers, may_hold_sources=True)
             out.mkdir(parents=True, exist_ok=True)
             write_tables(rows, out)
-            if boards:
-                write_text(out / "leaderboard.md", leaderboards_markdown(boards, summary))
-                write_text(out / "leaderboard.json", json.dumps(boards, indent=2) + "\n")
+            write_leaderboards(summary, out)
             for file, picture in pictures.items():
                 write_png(out / file, picture)
             if crops:

@@ -193,6 +193,11 @@ def crop_box(shape: tuple[int, ...], size: int) -> tuple[slice, slice]:
     return slice(top, top + ch), slice(left, left + cw)
 
 
+def method_folders(folder: Path) -> dict[str, Path]:
+    """A folder of other methods' outputs (``<method>/<id>.png``…) → {method: its folder}, by name."""
+    return {d.name: d for d in sorted(folder.iterdir()) if d.is_dir()}
+
+
 def leaderboards(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, list[dict[str, Any]]]:
     """:func:`leaderboard` of each set with at least two methods; the trivial baselines are not ranked."""
     boards = {}
@@ -212,3 +217,13 @@ def leaderboards_markdown(boards: dict[str, list[dict[str, Any]]], summary: dict
         parts += [f"**{name}** ({n} pairs, {len(rows)} methods; rank per metric in brackets, mean rank over the "
                   f"{len(MAIN_METRICS)} main metrics)", "", leaderboard_table(rows)]
     return "\n".join(parts)
+
+
+def write_leaderboards(summary: dict[str, dict[str, dict[str, float]]], folder: Path
+                       ) -> dict[str, list[dict[str, Any]]]:
+    """``leaderboard.md`` and ``leaderboard.json`` into ``folder`` when a set has one; the leaderboards."""
+    boards = leaderboards(summary)
+    if boards:
+        write_text(folder / "leaderboard.md", leaderboards_markdown(boards, summary))
+        write_text(folder / "leaderboard.json", json.dumps(boards, indent=2) + "\n")
+    return boards

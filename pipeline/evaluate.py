@@ -10,7 +10,7 @@ from pathlib import Path
 from cs2fusion.checkpoint import read_meta
 from cs2fusion.data.shards import iter_eval, read_index, set_files, set_prefix
 from cs2fusion.evaluation import (BASELINES, comparison_table, crop_box, evaluate_set, fused_image,
-                                  fused_images, leaderboards, leaderboards_markdown, wins, write_tables)
+                                  fused_images, method_folders, wins, write_leaderboards, write_tables)
 from cs2fusion.io import InputError, atomic_dir, read_image, write_png, write_text
 from cs2fusion.metrics import ALL_METRICS, MAIN_METRICS, METRICS_VERSION
 from cs2fusion.visual import grid
@@ -60,7 +60,7 @@ def _peers(peers: dict[str, str], sets: list[str], ours: list[str]) -> dict[str,
         path = Path(folder)
         if not path.is_dir():
             raise InputError(f"{path}: not a folder (evaluate.peers.{name})")
-        methods = {d.name: d for d in sorted(path.iterdir()) if d.is_dir()}
+        methods = method_folders(path)
         taken = sorted(set(methods) & {*ours, *BASELINES})
         if taken:
             raise InputError(f"{path}: method names {taken} are taken by the fuse stage or the baselines")
@@ -68,7 +68,7 @@ def _peers(peers: dict[str, str], sets: list[str], ours: list[str]) -> dict[str,
     return out
 
 
-def _log_to_mlflow(params, model: Path, summary: dict, report: Path) -> None:
+def _log_to_mlflow(params, model: Path, summary: dict, boards: dict, report: Path) -> None:
     run_id = read_meta(model).get("mlflow_run_id")
     if not run_id:
         log.warning("%s has no MLflow run id: evaluation not logged to MLflow", model)
@@ -82,7 +82,7 @@ def _log_to_mlflow(params, model: Path, summary: dict, report: Path) -> None:
         for method, metrics in methods.items():
             prefix = f"eval/{name}" if method == "ours" else f"eval/{name}/{method}"
             values.update({f"{prefix}/{m}": metrics[m] for m in ALL_METRICS})
-    for name, rows in leaderboards(summary).items():
+    for name, rows in boards.items():
         for place, row in enumerate(rows, 1):
             if row["method"] == "ours":
                 values.update({f"leaderboard/{name}/mean_rank": row["mean_rank"], f"leaderboard/{name}/place": place})
@@ -127,10 +127,7 @@ def main() -> None:
                                                                      labels=["IR", "visible", *fused]))
                 (tmp / f"crops_{set_prefix(name)}.txt").write_text("columns: IR | visible | " + " | ".join(fused))
         summary = write_tables(rows, tmp)
-        boards = leaderboards(summary)
-        if boards:
-            write_text(tmp / "leaderboard.md", leaderboards_markdown(boards, summary))
-            write_text(tmp / "leaderboard.json", json.dumps(boards, indent=2) + "\n")
+        boards = write_leaderboards(summary, tmp)
         _bar_chart(summary, tmp / "comparison.png")
     result = {"primary_set": primary, "metrics_version": METRICS_VERSION, "sets": summary,
               "leaderboards": {n: {r["method"]: {"mean_rank": r["mean_rank"], "place": place}
@@ -138,7 +135,7 @@ def main() -> None:
     if "published" in summary[primary]:
         result["ours_beats_published_on"] = {n: wins(m["ours"], m["published"]) for n, m in summary.items()}
     write_text(args.metrics, json.dumps(result, indent=2, sort_keys=True) + "\n")
-    _log_to_mlflow(params, args.model, summary, args.report)
+    _log_to_mlflow(params, args.model, summary, boards, args.report)
     log.info("\n%s", comparison_table(summary, MAIN_METRICS))
 
 

@@ -71,7 +71,8 @@ def test_dvc_repro_end_to_end(project: Path) -> None:
     assert sorted(entry["place"] for entry in board.values()) == [1, 2, 3, 4]
     assert "| ours |" in (project / "reports" / "leaderboard.md").read_text()
     crops = read_image(project / "reports" / "crops_tno-test.png")  # a header, 2 pairs × (IR, visible, 4 methods)
-    assert crops.shape[0] == 14 + 4 + 2 * 128 + 4 and (project / "reports" / "crops_tno-test.txt").read_text().count("|") == 5
+    assert crops.shape[0] == 14 + 4 + 2 * 128 + 4
+    assert (project / "reports" / "crops_tno-test.txt").read_text().count("|") == 5
     assert len(list((project / "fused" / "ours" / "tno-test").glob("*.png"))) == 10
     assert json.loads((project / "metrics" / "register.json").read_text())["promoted"] is True
 
