@@ -178,8 +178,9 @@ def _plot(rows: list[dict[str, Any]], metric: str, out: Path) -> None:
 def _close_children(uri: str, parent: str, rows: list[dict[str, Any]]) -> None:
     """Ends the trials' MLflow runs that their trial did not end (Tune stops a trial at its scheduler's decision,
     the last epoch included): FINISHED after every epoch, KILLED when stopped early, FAILED on an error; the reason
-    as the tag ``sweep.ended``. A stopped trial whose teardown ended its run FAILED (its Train controller killed
-    mid-epoch) is KILLED too, without that failure."""
+    as the tag ``sweep.ended``. Tune tears a trial down as soon as its scheduler decides (at its last epoch too), which
+    can kill the trial's Train controller before its own run ends FAILED with the teardown as the failure: such a
+    run takes the status the sweep saw (FINISHED or KILLED), without that failure."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -190,7 +191,7 @@ def _close_children(uri: str, parent: str, rows: list[dict[str, Any]]) -> None:
         reason = row["status"] if row else "the sweep ended"
         client.set_tag(child.info.run_id, "sweep.ended", reason)
         status = {"finished": "FINISHED", "error": "FAILED"}.get(reason, "KILLED")
-        if child.info.status == "RUNNING" or (status == "KILLED" and child.info.status == "FAILED"):
+        if child.info.status == "RUNNING" or (status != "FAILED" and child.info.status == "FAILED"):
             client.set_terminated(child.info.run_id, status)
             if child.info.status == "FAILED" and "failure" in child.data.tags:
                 client.delete_tag(child.info.run_id, "failure")
