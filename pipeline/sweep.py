@@ -179,8 +179,9 @@ def _close_children(uri: str, parent: str, rows: list[dict[str, Any]]) -> None:
     """Ends the trials' MLflow runs that their trial did not end (Tune stops a trial at its scheduler's decision,
     the last epoch included): FINISHED after every epoch, KILLED when stopped early, FAILED on an error; the reason
     as the tag ``sweep.ended``. Tune tears a trial down as soon as its scheduler decides (at its last epoch too), which
-    can kill the trial's Train controller before its own run ends FAILED with the teardown as the failure: such a
-    run takes the status the sweep saw (FINISHED or KILLED), without that failure."""
+    can kill the trial's Train controller, whose run then ends FAILED with the teardown as the failure (or keeps only
+    that failure tag when the trial dies before ending it): such a run takes the status the sweep saw (FINISHED or
+    KILLED), without that failure."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -193,7 +194,7 @@ def _close_children(uri: str, parent: str, rows: list[dict[str, Any]]) -> None:
         status = {"finished": "FINISHED", "error": "FAILED"}.get(reason, "KILLED")
         if child.info.status == "RUNNING" or (status != "FAILED" and child.info.status == "FAILED"):
             client.set_terminated(child.info.run_id, status)
-            if child.info.status == "FAILED" and "failure" in child.data.tags:
+            if status != "FAILED" and "failure" in child.data.tags:  # killed between its failure tag and its end
                 client.delete_tag(child.info.run_id, "failure")
 
 

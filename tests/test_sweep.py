@@ -11,7 +11,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from cs2fusion.config import ParamsError
-from pipeline.sweep import base_params, load_spec, nested, trial_params
+from pipeline.sweep import _close_children, base_params, load_spec, nested, trial_params
 from tests.conftest import REPO, RayHead
 from tests.tiny import demo_params, stage
 
@@ -51,6 +51,32 @@ def test_overrides_nest_and_merge_and_bad_searches_are_refused(tmp_path: Path,
     bad.write_text("name: x\nfixed: {train.loss.max_weigth: 1.0}\n")
     with pytest.raises(ParamsError, match="max_weigth"):
         base_params(load_spec(bad), REPO)
+
+
+def test_closing_a_sweep_gives_torn_down_trials_the_status_the_sweep_saw(tmp_path: Path) -> None:
+    """The closing pass over a real MLflow store, for each state Tune's teardown leaves a trial's run in: left
+    RUNNING, left RUNNING with only its failure tag (killed between tag and end), ended FAILED by the teardown; an
+    errored trial stays FAILED and a trial that ended its own run is untouched."""
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("x", artifact_location=(tmp_path / "a").as_uri())
+    parent = client.create_run(experiment).info.run_id
+    cases = {  # trial: (the sweep's row status, run status left, failure tag left) -> expected status
+        "a": ("finished", "RUNNING", False, "FINISHED"), "b": ("finished", "RUNNING", True, "FINISHED"),
+        "c": ("stopped after epoch 1", "FAILED", True, "KILLED"), "d": ("finished", "FAILED", True, "FINISHED"),
+        "e": ("error", "FAILED", True, "FAILED"), "f": ("finished", "FINISHED", False, "FINISHED")}
+    ids = {}
+    for trial, (_, left, failed, _) in cases.items():
+        run = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "sweep.trial": trial}).info.run_id
+        if failed:
+            client.set_tag(run, "failure", "The actor died unexpectedly before finishing this task.")
+        if left != "RUNNING":
+            client.set_terminated(run, left)
+        ids[trial] = run
+    _close_children(client.tracking_uri, parent, [{"trial": t, "status": c[0]} for t, c in cases.items()])
+    for trial, (reason, _, _, expected) in cases.items():
+        run = client.get_run(ids[trial])
+        assert (run.info.status, run.data.tags["sweep.ended"]) == (expected, reason), trial
+        assert ("failure" in run.data.tags) == (expected == "FAILED"), trial
 
 
 @pytest.mark.slow
