@@ -134,8 +134,10 @@ class PrepareParams:
 class ShardParams:
     """``shard`` stage: training patches and whole-image evaluation sets as WebDataset shards.
 
-    ``train`` / ``eval`` name ``<dataset>/<split>`` of the manifest. Patches are cut on a ``stride`` grid;
-    ``max_patches_per_image`` (0 = all) keeps a seeded random subset per image. Each set is written as a
+    ``train`` / ``eval`` name ``<dataset>/<split>`` of the manifest (``a/x+b/y``: the union, one set). Patches are
+    cut on a ``stride`` grid; ``max_patches_per_image`` (0 = all) keeps a seeded random subset per image,
+    ``max_patches_by_set`` overrides it for the named training sets (balancing sets of unlike image sizes). Each set
+    is written as a
     multiple of ``shard_multiple`` shards of near-equal size (≤ ``max_samples_per_shard``) so that ranks ×
     loader workers get equal shares.
     """
@@ -145,6 +147,7 @@ class ShardParams:
     patch_size: int = 128
     stride: int = 64
     max_patches_per_image: int = 0
+    max_patches_by_set: dict[str, int] = dataclasses.field(default_factory=dict)
     max_samples_per_shard: int = 512
     shard_multiple: int = 4
     seed: int = 0
@@ -152,6 +155,9 @@ class ShardParams:
     def __post_init__(self) -> None:
         _require({"patch_size (>= 8)": self.patch_size >= 8, "stride (>= 1)": self.stride >= 1,
                   "max_patches_per_image (>= 0)": self.max_patches_per_image >= 0,
+                  "max_patches_by_set (each >= 0)": all(v >= 0 for v in self.max_patches_by_set.values()),
+                  "max_patches_by_set (training sets only)": set(self.max_patches_by_set) <= {
+                      part for name in self.train for part in name.split("+")},
                   "max_samples_per_shard (>= 1)": self.max_samples_per_shard >= 1,
                   "shard_multiple (>= 1)": self.shard_multiple >= 1})
 

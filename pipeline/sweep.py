@@ -75,20 +75,25 @@ def nested(dotted: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _anchored(data: dict[str, Any], root: Path) -> dict[str, Any]:
+    """``data`` with its start checkpoint made absolute against ``root`` (trials run in other folders)."""
+    if data["train"]["init_from"]:
+        data = {**data, "train": {**data["train"], "init_from": absolute(root / data["train"]["init_from"])}}
+    return data
+
+
 def base_params(spec: SweepSpec, root: Path) -> dict[str, Any]:
     """The sweep's base files (relative to ``root``) merged in order, with the fixed overrides; the start checkpoint
-    made absolute (trials run in other folders). Checked by building it."""
-    data = merge(to_dict(load_params(*(root / p for p in spec.params))), nested(spec.fixed))
-    if data["train"]["init_from"]:
-        data["train"]["init_from"] = absolute(root / data["train"]["init_from"])
+    made absolute. Checked by building it."""
+    data = _anchored(merge(to_dict(load_params(*(root / p for p in spec.params))), nested(spec.fixed)), root)
     build(Params, data, where=f"sweep {spec.name}")
     return data
 
 
-def trial_params(base: dict[str, Any], overrides: dict[str, Any], run_name: str, storage: str) -> Params:
-    """A trial's params: the sweep's base params and the trial's overrides; its run in ``storage/run_name``, never
-    resumed (a trial is new by definition)."""
-    data = merge(base, nested(overrides))
+def trial_params(base: dict[str, Any], overrides: dict[str, Any], run_name: str, storage: str, root: Path) -> Params:
+    """A trial's params: the sweep's base params and the trial's overrides (a start checkpoint among them relative to
+    ``root``); its run in ``storage/run_name``, never resumed (a trial is new by definition)."""
+    data = _anchored(merge(base, nested(overrides)), root)
     data["train"] = {**data["train"], "run_name": run_name, "storage_path": storage, "resume": "never"}
     return build(Params, data, where=f"trial {run_name}")
 
@@ -123,7 +128,7 @@ def _trial(overrides: dict[str, Any], context: dict[str, Any]) -> None:
 
     spec, root, folder = build(SweepSpec, context["spec"]), Path(context["root"]), Path(context["folder"])
     trial = tune.get_context().get_trial_id()
-    params = trial_params(context["base"], overrides, f"{spec.name}-{trial}", str(folder / "runs"))
+    params = trial_params(context["base"], overrides, f"{spec.name}-{trial}", str(folder / "runs"), root)
     tags = {"mlflow.parentRunId": context["parent"], "sweep": spec.name, "sweep.trial": trial,
             "sweep.overrides": json.dumps(overrides, sort_keys=True, default=str)}
     fit(params, shards=absolute(root / spec.shards), out=folder / "models" / f"{trial}.safetensors", metrics_out=None,

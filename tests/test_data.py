@@ -238,3 +238,34 @@ def test_eval_set_overlapping_training_is_refused(small_manifest: dict, tmp_path
     with pytest.raises(InputError, match="contains training pair"):
         write_shards(small_manifest, leaky, tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def test_two_sensors_mix_in_training_with_a_cap_per_set_and_validate_as_one_union(tmp_path: Path) -> None:
+    """RoadScene + MSRS (real pairs, the ``msrs`` layout auto-detected): MSRS's larger images are capped per image by
+    ``max_patches_by_set`` while RoadScene keeps every patch; ``rs/test+ms/test`` is one evaluation set holding both
+    sets' pairs, each labelled with its own data set; a union whose parts share an id is refused."""
+    ms_ids = sorted(p.stem for p in (DATA / "msrs" / "ir").glob("*.png"))[:3]
+    for kind in ("ir", "vi"):
+        for i in ms_ids:
+            _link(DATA / "msrs" / kind / f"{i}.png", tmp_path / "ms" / kind / f"{i}.png")
+    specs = (DatasetSpec(name="rs", root=str(_small_copy(tmp_path)), ratio={"train": 4, "test": 2}),
+             DatasetSpec(name="ms", root=str(tmp_path / "ms"), ratio={"train": 2, "test": 1}))
+    manifest = build_manifest(PrepareParams(datasets=specs))
+    params = dataclasses.replace(SHARD_PARAMS, train=("rs/train", "ms/train"), eval=("rs/test+ms/test",),
+                                 max_patches_by_set={"ms/train": 5})
+    index = write_shards(manifest, params, tmp_path / "s")
+    grids = {e["id"]: len(range(0, e["height"] - 64 + 1, 48)) * len(range(0, e["width"] - 64 + 1, 48))
+             for e in select(manifest, "rs/train+ms/train")}
+    assert min(grids[e["id"]] for e in select(manifest, "ms/train")) > 5  # the cap bites
+    expected = sum(grids[e["id"]] for e in select(manifest, "rs/train")) + 5 * len(select(manifest, "ms/train"))
+    assert index["sets"]["train"]["samples"] == expected
+    union = index["sets"]["rs/test+ms/test"]
+    assert union["sources"] == ["rs/test", "ms/test"] and union["samples"] == 3
+    seen = {meta["id"]: meta["dataset"] for meta, _, _ in iter_eval(set_files(tmp_path / "s", "rs/test+ms/test"))}
+    assert seen == {e["id"]: d for d in ("rs", "ms") for e in select(manifest, f"{d}/test")}
+    twice = dataclasses.replace(params, eval=("rs/test+rs/test",))
+    with pytest.raises(InputError, match=r"rs/test\+rs/test has id .* twice \(in rs and rs\)"):
+        write_shards(manifest, twice, tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(Exception, match="max_patches_by_set"):
+        dataclasses.replace(params, max_patches_by_set={"ms/test": 5})

@@ -19,22 +19,27 @@ SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
-def test_every_grid_point_of_a_sweep_file_builds_its_params(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(REPO)
+def test_every_grid_point_of_a_sweep_file_builds_its_params(path: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each grid point's params build, with its overrides in place; a start checkpoint (from the base files or an
+    override) names an existing file from any folder (trials run in Tune's)."""
+    monkeypatch.chdir(tmp_path)
     spec = load_spec(path)
     grids = {k: s["grid"] for k, s in spec.space.items() if "grid" in s}
     points = [dict(zip(grids, values)) for values in itertools.product(*grids.values())]
     assert points and spec.metric == "val/score"
     base = base_params(spec, REPO)
     for point in points:
-        params = trial_params(base, point, "trial", "runs")
+        params = trial_params(base, point, "trial", "runs", REPO)
         assert params.train.resume == "never" and params.train.run_name == "trial"
+        assert not params.train.init_from or Path(params.train.init_from).is_file()
         for key, value in point.items():  # each override reached the params it names
             node = params
             for part in key.split("."):
                 node = getattr(node, part)
+            anchor = {"init_from": lambda v: str((REPO / v).resolve()) if v else v}
             if isinstance(value, dict):
-                assert all(getattr(node, k) == v for k, v in value.items())
+                assert all(getattr(node, k) == anchor.get(k, lambda v: v)(v) for k, v in value.items())
             else:
                 assert node == (tuple(value) if isinstance(value, list) else value)
 

@@ -151,7 +151,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def select(manifest: dict[str, Any], name: str) -> list[dict[str, Any]]:
-    """Entries of ``<dataset>/<split>`` (or every pair of ``<dataset>``)."""
+    """Entries of ``<dataset>/<split>`` (or every pair of ``<dataset>``); ``a/x+b/y`` is the union of its parts, in
+    order (validation on held-out pairs of several data sets as one set)."""
+    if "+" in name:
+        return [entry for part in name.split("+") for entry in select(manifest, part)]
     dataset, _, split = name.partition("/")
     if dataset not in manifest["datasets"]:
         raise InputError(f"{name}: no data set {dataset!r} in the manifest ({', '.join(manifest['datasets'])})")

@@ -73,11 +73,12 @@ def train_samples(manifest: dict[str, Any], params: ShardParams) -> list[dict[st
     """Every training patch of the ``params.train`` sets, in a seeded shuffled order (images decoded once)."""
     rng = np.random.default_rng(params.seed)
     plan: list[tuple[str, dict[str, Any], int, int]] = []
-    for name in params.train:
+    for name in (part for train in params.train for part in train.split("+")):
         for entry in select(manifest, name):
             grid = patch_grid(entry["height"], entry["width"], params.patch_size, params.stride)
-            if params.max_patches_per_image and len(grid) > params.max_patches_per_image:
-                keep = rng.choice(len(grid), params.max_patches_per_image, replace=False)
+            cap = params.max_patches_by_set.get(name, params.max_patches_per_image)
+            if cap and len(grid) > cap:
+                keep = rng.choice(len(grid), cap, replace=False)
                 grid = [grid[k] for k in sorted(keep)]
             plan.extend((name.partition("/")[0], entry, top, left) for top, left in grid)
     if not plan:
@@ -103,17 +104,26 @@ def train_samples(manifest: dict[str, Any], params: ShardParams) -> list[dict[st
 
 
 def eval_samples(manifest: dict[str, Any], name: str) -> Iterator[dict[str, Any]]:
-    """Whole-image samples of one ``<dataset>/<split>`` set, in manifest order (visible as shipped)."""
-    dataset = name.partition("/")[0]
-    for entry in select(manifest, name):
-        ir, vi = load_pair(Pair(entry["id"], Path(entry["ir"]), Path(entry["vi"])))
-        meta = {"dataset": dataset, "split": entry["split"], "id": entry["id"], "crop": [0, 0, *ir.shape[:2]]}
-        yield {
-            "__key__": _key(dataset, entry["id"]),
-            "ir.png": png_bytes(ir),
-            "vi.png": png_bytes(vi),
-            "json": json.dumps(meta, sort_keys=True).encode(),
-        }
+    """Whole-image samples of one ``<dataset>/<split>`` set (or a union ``a/x+b/y``), in manifest order (visible as
+    shipped). Fused images are named by id, so a union whose parts share an id is refused."""
+    parts = [(part.partition("/")[0], select(manifest, part)) for part in name.split("+")]
+    ids: dict[str, str] = {}
+    for dataset, entries in parts:
+        for entry in entries:
+            if entry["id"] in ids:
+                raise InputError(f"{entry['ir']}: evaluation set {name} has id {entry['id']!r} twice (in "
+                                 f"{ids[entry['id']]} and {dataset}): fused images are named by id")
+            ids[entry["id"]] = dataset
+    for dataset, entries in parts:
+        for entry in entries:
+            ir, vi = load_pair(Pair(entry["id"], Path(entry["ir"]), Path(entry["vi"])))
+            meta = {"dataset": dataset, "split": entry["split"], "id": entry["id"], "crop": [0, 0, *ir.shape[:2]]}
+            yield {
+                "__key__": _key(dataset, entry["id"]),
+                "ir.png": png_bytes(ir),
+                "vi.png": png_bytes(vi),
+                "json": json.dumps(meta, sort_keys=True).encode(),
+            }
 
 
 def shard_count(samples: int, params: ShardParams) -> int:
@@ -143,8 +153,8 @@ def write_set(samples: list[dict[str, Any]], folder: Path, prefix: str, params: 
 
 
 def set_prefix(name: str) -> str:
-    """Shard file prefix of an evaluation set ``<dataset>/<split>``."""
-    return name.replace("/", "-")
+    """Shard file prefix of an evaluation set ``<dataset>/<split>`` (a union's parts joined by ``_and_``)."""
+    return name.replace("/", "-").replace("+", "_and_")
 
 
 def check_no_leak(manifest: dict[str, Any], params: ShardParams) -> None:
@@ -180,7 +190,7 @@ def write_shards(manifest: dict[str, Any], params: ShardParams, out: str | Path,
         for name in params.eval:
             samples = list(tqdm(eval_samples(manifest, name), desc=f"packing {name}", unit="pair", disable=None))
             records = write_set(samples, tmp, set_prefix(name), params)
-            sets[name] = {"kind": "eval", "sources": [name], "samples": len(samples), "shards": records}
+            sets[name] = {"kind": "eval", "sources": name.split("+"), "samples": len(samples), "shards": records}
         index = {"version": SHARDS_VERSION, "sets": sets}
         (tmp / "shards.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return index
