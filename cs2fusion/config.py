@@ -137,9 +137,8 @@ class ShardParams:
     ``train`` / ``eval`` name ``<dataset>/<split>`` of the manifest (``a/x+b/y``: the union, one set). Patches are
     cut on a ``stride`` grid; ``max_patches_per_image`` (0 = all) keeps a seeded random subset per image,
     ``max_patches_by_set`` overrides it for the named training sets (balancing sets of unlike image sizes). Each set
-    is written as a
-    multiple of ``shard_multiple`` shards of near-equal size (≤ ``max_samples_per_shard``) so that ranks ×
-    loader workers get equal shares.
+    is written as a multiple of ``shard_multiple`` shards of near-equal size (≤ ``max_samples_per_shard``) so that
+    ranks × loader workers get equal shares.
     """
 
     train: tuple[str, ...] = ()

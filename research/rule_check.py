@@ -4,7 +4,8 @@ reference (the first ``--model``), checks (a)–(c) of the rule per set. Check (
 
     python research/rule_check.py --shards presets/multisensor/data/shards \
         --set roadscene/val --set msrs/val --set roadscene/val+msrs/val \
-        --model default=presets/roadscene/models/model.safetensors --model ft=presets/multisensor/models/model.safetensors
+        --model default=presets/roadscene/models/model.safetensors \
+        --model ft=presets/multisensor/models/model.safetensors
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def test_native_layouts_detected(layout: str, tmp_path: Path) -> None:
 
 
 def test_ir_vi_layout_on_shared_sets() -> None:
-    for name in ("roadscene", "tno40", "tno25", "cs2fusion_roadscene40"):
+    for name in ("roadscene", "tno40", "tno25", "cs2fusion_roadscene40", "msrs"):
         assert detect_layout(DATA / name).name == "ir-vi"
 
 

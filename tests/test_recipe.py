@@ -79,7 +79,8 @@ def test_dvc_repro_dry_lists_the_phases_in_order() -> None:
     out = subprocess.run([DVC, "repro", "--dry", "--force", f"{PRESET}/dvc.yaml"], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
     order = [line.split("'")[1].split(":")[-1] for line in out.splitlines() if line.startswith("Running stage")]
-    assert order == ["prepare", "shard", *PHASES, "fuse", "evaluate", "register", "ship"]
+    # register and ship both follow evaluate and not each other: DVC may run them in either order
+    assert order[:-2] == ["prepare", "shard", *PHASES, "fuse", "evaluate"] and set(order[-2:]) == {"register", "ship"}
 
 
 def _md5(path: Path) -> str:

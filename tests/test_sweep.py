@@ -22,7 +22,7 @@ SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 def test_every_grid_point_of_a_sweep_file_builds_its_params(path: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Each grid point's params build, with its overrides in place; a start checkpoint (from the base files or an
-    override) names an existing file from any folder (trials run in Tune's)."""
+    override) is anchored to the repository, whatever the current folder (trials run in Tune's)."""
     monkeypatch.chdir(tmp_path)
     spec = load_spec(path)
     grids = {k: s["grid"] for k, s in spec.space.items() if "grid" in s}
@@ -32,7 +32,7 @@ def test_every_grid_point_of_a_sweep_file_builds_its_params(path: Path, tmp_path
     for point in points:
         params = trial_params(base, point, "trial", "runs", REPO)
         assert params.train.resume == "never" and params.train.run_name == "trial"
-        assert not params.train.init_from or Path(params.train.init_from).is_file()
+        assert not params.train.init_from or Path(params.train.init_from).is_relative_to(REPO)
         for key, value in point.items():  # each override reached the params it names
             node = params
             for part in key.split("."):
