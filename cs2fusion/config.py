@@ -31,6 +31,13 @@ def _require(checks: dict[str, bool]) -> None:
 
 # The main metrics, higher is better for each (cs2fusion.metrics computes them; the gate and `select` name them).
 MAIN_METRICS = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM")
+
+
+def set_parts(name: str) -> list[str]:
+    """The sets ``<dataset>/<split>`` a set name stands for: itself, or each part of a union ``a/x+b/y``."""
+    return name.split("+")
+
+
 # train keys of the flat layout (before train.loss / scaling / tracking): still read, into their sections
 MOVED_TRAIN_KEYS = {**{k: ("loss", k) for k in ("alpha", "impaired_weight", "intensity", "ssim_weight", "max_weight",
                                                "grad_weight")},
@@ -156,7 +163,7 @@ class ShardParams:
                   "max_patches_per_image (>= 0)": self.max_patches_per_image >= 0,
                   "max_patches_by_set (each >= 0)": all(v >= 0 for v in self.max_patches_by_set.values()),
                   "max_patches_by_set (training sets only)": set(self.max_patches_by_set) <= {
-                      part for name in self.train for part in name.split("+")},
+                      part for name in self.train for part in set_parts(name)},
                   "max_samples_per_shard (>= 1)": self.max_samples_per_shard >= 1,
                   "shard_multiple (>= 1)": self.shard_multiple >= 1})
 

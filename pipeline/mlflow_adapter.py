@@ -122,6 +122,12 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
+def metric_key(key: str) -> str:
+    """``key`` as an MLflow metric name: a union set's ``a/x+b/y`` (MLflow refuses ``+``) as ``a/x_and_b/y``, as the
+    shard files spell it."""
+    return key.replace("+", "_and_")
+
+
 class Tracker:
     """Logs to one existing MLflow run by id (safe from any process: no global active-run state)."""
 
@@ -131,7 +137,7 @@ class Tracker:
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         ts = mlflow.utils.time.get_current_time_millis()
-        batch = [Metric(k, float(v), ts, int(step)) for k, v in values.items()]
+        batch = [Metric(metric_key(k), float(v), ts, int(step)) for k, v in values.items()]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 

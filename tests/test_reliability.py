@@ -583,6 +583,10 @@ def test_a_run_resumed_where_its_mlflow_run_is_unknown_continues_in_a_linked_run
     elsewhere = model_run(uri, "0123456789abcdef0123456789abcdef", "cs2fusion", None, "evaluate")
     tags = MlflowClient(uri).get_run(elsewhere.run_id).data.tags
     assert elsewhere.run_id != tracker.run_id and tags["model_run"] == "0123456789abcdef0123456789abcdef"
+    # a union evaluation set's name (a/x+b/y) in a metric key: MLflow refuses "+", so it is spelled as the shards do
+    elsewhere.metrics({"eval/roadscene/val+msrs/val/EN": 6.5}, step=0)
+    logged = MlflowClient(uri).get_run(elsewhere.run_id).data.metrics
+    assert logged == {"eval/roadscene/val_and_msrs/val/EN": 6.5}
 
 
 def test_the_kept_checkpoint_is_the_best_scored_or_the_last() -> None:

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import numpy as np
 from tqdm import tqdm
 
-from cs2fusion.config import DatasetSpec, PrepareParams
+from cs2fusion.config import DatasetSpec, PrepareParams, set_parts
 from cs2fusion.data.layouts import discover
 from cs2fusion.data.pairs import Pair, load_pair, natural_key
 from cs2fusion.io import InputError, pixels_sha256
@@ -153,8 +153,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 def select(manifest: dict[str, Any], name: str) -> list[dict[str, Any]]:
     """Entries of ``<dataset>/<split>`` (or every pair of ``<dataset>``); ``a/x+b/y`` is the union of its parts, in
     order (validation on held-out pairs of several data sets as one set)."""
-    if "+" in name:
-        return [entry for part in name.split("+") for entry in select(manifest, part)]
+    if len(set_parts(name)) > 1:
+        return [entry for part in set_parts(name) for entry in select(manifest, part)]
     dataset, _, split = name.partition("/")
     if dataset not in manifest["datasets"]:
         raise InputError(f"{name}: no data set {dataset!r} in the manifest ({', '.join(manifest['datasets'])})")

@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cs2fusion import storage
-from cs2fusion.config import ImpairParams, ShardParams
+from cs2fusion.config import ImpairParams, ShardParams, set_parts
 from cs2fusion.data.impair import impair
 from cs2fusion.data.manifest import select, sha256_file
 from cs2fusion.data.pairs import Pair, load_pair
@@ -73,7 +73,7 @@ def train_samples(manifest: dict[str, Any], params: ShardParams) -> list[dict[st
     """Every training patch of the ``params.train`` sets, in a seeded shuffled order (images decoded once)."""
     rng = np.random.default_rng(params.seed)
     plan: list[tuple[str, dict[str, Any], int, int]] = []
-    for name in (part for train in params.train for part in train.split("+")):
+    for name in (part for train in params.train for part in set_parts(train)):
         for entry in select(manifest, name):
             grid = patch_grid(entry["height"], entry["width"], params.patch_size, params.stride)
             cap = params.max_patches_by_set.get(name, params.max_patches_per_image)
@@ -106,7 +106,7 @@ def train_samples(manifest: dict[str, Any], params: ShardParams) -> list[dict[st
 def eval_samples(manifest: dict[str, Any], name: str) -> Iterator[dict[str, Any]]:
     """Whole-image samples of one ``<dataset>/<split>`` set (or a union ``a/x+b/y``), in manifest order (visible as
     shipped). Fused images are named by id, so a union whose parts share an id is refused."""
-    parts = [(part.partition("/")[0], select(manifest, part)) for part in name.split("+")]
+    parts = [(part.partition("/")[0], select(manifest, part)) for part in set_parts(name)]
     ids: dict[str, str] = {}
     for dataset, entries in parts:
         for entry in entries:
@@ -190,7 +190,7 @@ def write_shards(manifest: dict[str, Any], params: ShardParams, out: str | Path,
         for name in params.eval:
             samples = list(tqdm(eval_samples(manifest, name), desc=f"packing {name}", unit="pair", disable=None))
             records = write_set(samples, tmp, set_prefix(name), params)
-            sets[name] = {"kind": "eval", "sources": name.split("+"), "samples": len(samples), "shards": records}
+            sets[name] = {"kind": "eval", "sources": set_parts(name), "samples": len(samples), "shards": records}
         index = {"version": SHARDS_VERSION, "sets": sets}
         (tmp / "shards.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return index
