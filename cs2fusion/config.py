@@ -185,11 +185,15 @@ class LossParams:
     max_weight: float = 0.0
     # γ of a max-gradient term |∇F| vs max(|∇ir|, |∇vis|) (not the paper's; 0: off)
     grad_weight: float = 0.0
+    # κ of a local-contrast term σ(F) vs max(σ(ir), σ(vis)), σ over contrast_window² pixels (not the paper's; 0: off)
+    contrast_weight: float = 0.0
+    contrast_window: int = 9
 
     def __post_init__(self) -> None:
         _require({"alpha (>= 0)": self.alpha >= 0, "impaired_weight (>= 0)": self.impaired_weight >= 0,
                   "ssim_weight (>= 0)": self.ssim_weight >= 0, "max_weight (>= 0)": self.max_weight >= 0,
-                  "grad_weight (>= 0)": self.grad_weight >= 0})
+                  "grad_weight (>= 0)": self.grad_weight >= 0, "contrast_weight (>= 0)": self.contrast_weight >= 0,
+                  "contrast_window (odd, >= 3)": self.contrast_window >= 3 and self.contrast_window % 2 == 1})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from kornia.filters import spatial_gradient
+from kornia.filters import box_blur, spatial_gradient
 from kornia.losses import ssim_loss
 
 from cs2fusion.model.cpn import CPNOutput
 from cs2fusion.span import LOCAL, BatchSpan
 
 SIM_MIN, SIM_MAX = 0.0005, 0.9995
+STD_EPS = 1e-2  # added to a local variance (0–255 scale) before its root, so the root has a gradient on flat patches
 
 
 def cosine_matrix(x: torch.Tensor, y: torch.Tensor, *, gram: bool = False) -> torch.Tensor:
@@ -77,6 +78,13 @@ def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
     return spatial_gradient(x, mode="sobel", normalized=False).abs().sum(dim=2)
 
 
+def local_std(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Each pixel's standard deviation over the ``window``×``window`` box around it (reflected borders)."""
+    mean = box_blur(x, (window, window), border_type="reflect")
+    var = box_blur(x.square(), (window, window), border_type="reflect") - mean.square()
+    return (var.clamp_min(0) + STD_EPS).sqrt()
+
+
 def backbone_loss(
     fused: torch.Tensor,
     *,
@@ -89,6 +97,8 @@ def backbone_loss(
     ssim_weight: float = 1.0,
     max_weight: float = 0.0,
     grad_weight: float = 0.0,
+    contrast_weight: float = 0.0,
+    contrast_window: int = 9,
     span: BatchSpan = LOCAL,
 ) -> dict[str, torch.Tensor]:
     """‖F·w_ir − ir·w_ir‖ + ‖F·w_vis − vis·w_vis‖ + λ·(SSIMloss(F, ir) + SSIMloss(F, vis)), with its terms.
@@ -106,6 +116,9 @@ def backbone_loss(
     paper's): the field's max-intensity prior, a pull toward the brighter source where the map is undecided.
     ``grad_weight`` γ > 0 adds γ·mean‖∇F| − max(|∇ir|, |∇vis|)| (:func:`sobel_magnitude`; not the paper's): the
     field's max-gradient texture term (SeAFusion, CDDFuse), which keeps the stronger edge of either source.
+    ``contrast_weight`` κ > 0 adds κ·mean|σ(F) − max(σ(ir), σ(vis))| with σ the :func:`local_std` over
+    ``contrast_window`` pixels (not the paper's): the larger-scale kin of γ's term, keeping the visible image's local
+    contrast where the infrared is flat and the infrared's where the visible is.
     """
     f, a, b = fused * scale, ir * scale, vis_y * scale
     w_ir, w_vis = w_ir.detach(), w_vis.detach()
@@ -132,4 +145,8 @@ def backbone_loss(
         target = torch.maximum(sobel_magnitude(a), sobel_magnitude(b))
         terms["gradient_max"] = span.mean_share((sobel_magnitude(f) - target).abs())
         total = total + grad_weight * terms["gradient_max"]
+    if contrast_weight > 0:
+        target = torch.maximum(local_std(a, contrast_window), local_std(b, contrast_window))
+        terms["contrast_max"] = span.mean_share((local_std(f, contrast_window) - target).abs())
+        total = total + contrast_weight * terms["contrast_max"]
     return {"backbone": total, **terms}

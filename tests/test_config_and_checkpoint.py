@@ -36,10 +36,13 @@ def test_params_reject_unknown_keys_and_wrong_types(tmp_path: Path) -> None:
     bad.write_text("model:\n  norm_scope: global\n")
     with pytest.raises(ParamsError, match="norm_scope"):
         load_params(bad)
-    for knob in ("ssim_weight", "max_weight", "grad_weight"):  # a negative loss weight would train away from the term
+    for knob in ("ssim_weight", "max_weight", "grad_weight", "contrast_weight"):  # a negative weight trains away
         bad.write_text(f"train:\n  loss:\n    {knob}: -0.5\n")
         with pytest.raises(ParamsError, match=knob):
             load_params(bad)
+    bad.write_text("train:\n  loss:\n    contrast_window: 4\n")  # an even box has no centre pixel
+    with pytest.raises(ParamsError, match="contrast_window"):
+        load_params(bad)
 
 
 def test_the_flat_layout_and_the_old_map_names_still_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -10,8 +10,8 @@ import torch
 
 from cs2fusion.config import ImpairParams, ModelParams, TrainParams
 from cs2fusion.data.impair import impair
-from cs2fusion.losses import (backbone_loss, contrastive_loss, cosine_matrix, sim_max_loss, sim_min_loss,
-                              sobel_magnitude)
+from cs2fusion.losses import (STD_EPS, backbone_loss, contrastive_loss, cosine_matrix, local_std, sim_max_loss,
+                              sim_min_loss, sobel_magnitude)
 from cs2fusion.model import Backbone, CompensationPerceptionNetwork
 from cs2fusion.training import build_state, train_step
 
@@ -184,6 +184,46 @@ def test_gradient_term_keeps_the_stronger_edges_of_either_source() -> None:
         assert backbone_loss(copy, grad_weight=2.0, **kwargs)["gradient_max"].item() > 4 * keep["gradient_max"].item()
     assert "gradient_max" not in off
     assert (keep["backbone"] - off["backbone"]).item() == pytest.approx(2.0 * keep["gradient_max"].item(), rel=1e-6)
+
+
+def test_local_std_matches_a_direct_count() -> None:
+    """σ over a 3×3 box: an edge between 0 and 2 gives √(8/9 + ε) beside it (two 0 columns and one 2), √ε on flat
+    ground; on a random image every pixel's value is the population std of its reflected 5×5 neighbourhood."""
+    step = torch.zeros(1, 1, 6, 6, dtype=torch.float64)
+    step[..., 3:] = 2.0
+    std = local_std(step, 3)[0, 0]
+    assert torch.allclose(std[:, 2], torch.full((6,), (8 / 9 + STD_EPS) ** 0.5, dtype=torch.float64))
+    assert torch.allclose(std[:, 0], torch.full((6,), STD_EPS ** 0.5, dtype=torch.float64))
+    x = torch.rand(1, 1, 7, 9, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 255
+    padded = np.pad(x[0, 0].numpy(), 2, mode="reflect")
+    direct = np.array([[np.sqrt(padded[i:i + 5, j:j + 5].var() + STD_EPS) for j in range(9)] for i in range(7)])
+    np.testing.assert_allclose(local_std(x, 5)[0, 0].numpy(), direct, rtol=1e-10)
+
+
+def test_contrast_term_keeps_each_sources_local_contrast() -> None:
+    """The local-contrast term (κ) is small for an output carrying the infrared's block in the upper half and the
+    visible texture in the lower (each region's σ is its source's), large for their average, which halves both, and
+    for a copy of either; κ adds κ times it to the total; at κ 0 it is absent; its gradient is finite on flat ground."""
+    gen = torch.Generator().manual_seed(6)
+    ir, vis = torch.zeros(2, 1, 1, 32, 32, dtype=torch.float64)
+    ir[..., 4:12, 20:28] = 1.0
+    vis[..., 20:, :] = torch.rand(12, 32, generator=gen, dtype=torch.float64)
+    union, w = ir + vis, torch.full_like(ir, 0.5)
+    kwargs = dict(ir=ir, vis_y=vis, w_ir=w, w_vis=w, scale=255.0, intensity="l1", contrast_window=5)
+    keep, blur, off = (backbone_loss(f, contrast_weight=k, **kwargs)
+                       for f, k in ((union, 3.0), ((ir + vis) / 2, 3.0), (union, 0.0)))
+    assert blur["contrast_max"].item() > 10
+    assert blur["contrast_max"].item() > 5 * keep["contrast_max"].item()
+    for copy in (ir, vis):
+        copied = backbone_loss(copy, contrast_weight=3.0, **kwargs)["contrast_max"].item()
+        assert copied > 4 * keep["contrast_max"].item()
+    assert "contrast_max" not in off
+    assert (keep["backbone"] - off["backbone"]).item() == pytest.approx(3.0 * keep["contrast_max"].item(), rel=1e-6)
+    for start in (torch.zeros_like(ir), 1e-4 * torch.rand(ir.shape, generator=gen, dtype=torch.float64)):
+        flat = start.requires_grad_()
+        backbone_loss(flat, contrast_weight=3.0, **kwargs)["contrast_max"].backward()
+        assert torch.isfinite(flat.grad).all()
+    assert flat.grad.abs().sum().item() > 0  # near flat, the term already pulls toward the sources' contrast
 
 
 def test_ssim_weight_scales_only_the_ssim_terms() -> None:
