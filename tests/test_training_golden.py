@@ -21,6 +21,7 @@ from tests.conftest import DATA, PUBLISHED, REPO, RS40, SHARED
 pytestmark = pytest.mark.data
 GOLDEN = SHARED / "reference" / "training-golden" / "step.npz"
 LOSSES = ("intensity_vis", "intensity_ir", "ssim_vis", "ssim_ir", "backbone", "contrast_1", "contrast_2", "cpn")
+CPN_TERMS = ("contrast_1", "contrast_2", "cpn")  # the similarity matrices' terms (BLAS order: see the step test)
 NOISE_ONLY = "cpn.estimator.bias"  # zero in exact arithmetic (min-max removes constants): README's exception
 
 
@@ -58,7 +59,11 @@ def test_step_reproduces_the_release(order: str, start: str, golden: dict[str, n
     """Tier 1 where this CPU's kernels allow it, tier 2 where they cannot: our forward pass differs from the golden
     one by up to 3e-4 grey levels (convolution rounding here; 2e-4 without oneDNN), which the SSIM terms'
     near-constant windows amplify to 4e-4 relative with the published weights (the README's tier-2 case), and
-    the published start's gradients follow. From the random start every loss term and gradient is tier 1."""
+    the published start's gradients follow. The contrastive similarities are float32 dot products over 64·H·W
+    features summed in the BLAS kernel's order, which differs by CPU: on an AVX-512 Xeon (Sapphire Rapids) the
+    CPN-dependent terms are up to 3.6e-5 off the float32 golden values (up to 8e-5 off float64) and the CPN's
+    gradients 2–3e-4 (gradient norms ≤ 1.9e-4 off float64) while every backbone term stays within 4e-7, so those
+    are tier 2 everywhere. From the random start every other loss term and gradient is tier 1."""
     cfg = order if start == "published" else f"{order}_init0"
     backbone, cpn = _nets(golden, start)
     train = TrainParams(step_order=order)
@@ -71,6 +76,8 @@ def test_step_reproduces_the_release(order: str, start: str, golden: dict[str, n
     for term in LOSSES:
         if term.startswith("ssim") and start == "published":  # tier 2: against float64, 2e-3
             want, tol = float(golden[f"{cfg}/loss_fp64/{term}"]), 2e-3
+        elif term in CPN_TERMS:  # tier 2: against float64, 5e-4
+            want, tol = float(golden[f"{cfg}/loss_fp64/{term}"]), 5e-4
         else:  # tier 1: against float32, 1e-5
             want, tol = float(golden[f"{cfg}/loss/{term}"]), 1e-5
         assert abs(losses[f"loss/{term}"] - want) <= tol * abs(want), (term, losses[f"loss/{term}"], want)
@@ -80,7 +87,7 @@ def test_step_reproduces_the_release(order: str, start: str, golden: dict[str, n
         if name == NOISE_ONLY:
             assert float(grad.abs().max()) <= 1e-6
             continue
-        if start == "published":  # tier 2: norms against float64, 2e-4
+        if start == "published" or name.startswith("cpn."):  # tier 2: norms against float64, 2e-4
             norm, tol = float(golden[f"{cfg}/gradnorm_fp64/{name}"]), 2e-4
         else:  # tier 1: norms and whole gradients against float32, 1e-5
             norm, tol = float(golden[f"{cfg}/gradnorm/{name}"]), 1e-5
@@ -91,7 +98,9 @@ def test_step_reproduces_the_release(order: str, start: str, golden: dict[str, n
             continue
         assert abs(float(grad.norm()) - norm) <= tol * norm, (name, float(grad.norm()), norm)
         lr = train.lr_cpn if name.startswith("cpn.") else train.lr_backbone
-        moved = want.abs() > 1e-5  # Adam's first step turns a near-zero gradient's rounding into ±lr
+        # Adam's first step turns a near-zero gradient's rounding into ±lr; for the CPN, "near zero" is its BLAS
+        # rounding (up to 3e-4 of the tensor's largest element on an AVX-512 CPU)
+        moved = want.abs() > (1e-3 * float(want.abs().max()) if name.startswith("cpn.") else 1e-5)
         off = (param.detach() - before[name] - torch.from_numpy(golden[f"{cfg}/delta/{name}"])).abs()
         assert float(torch.where(moved, off, 0).max()) <= 1e-2 * lr, name
 
