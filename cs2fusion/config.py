@@ -38,6 +38,11 @@ def set_parts(name: str) -> list[str]:
     return name.split("+")
 
 
+def spell_union(text: str) -> str:
+    """``text`` with each union's ``+`` spelled ``_and_``, for names that refuse ``+`` (shard files, MLflow metrics)."""
+    return text.replace("+", "_and_")
+
+
 # train keys of the flat layout (before train.loss / scaling / tracking): still read, into their sections
 MOVED_TRAIN_KEYS = {**{k: ("loss", k) for k in ("alpha", "impaired_weight", "intensity", "ssim_weight", "max_weight",
                                                "grad_weight")},

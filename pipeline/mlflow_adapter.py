@@ -28,7 +28,7 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from cs2fusion import storage  # noqa: E402
-from cs2fusion.config import TrackingParams, flatten  # noqa: E402
+from cs2fusion.config import TrackingParams, flatten, spell_union  # noqa: E402
 from cs2fusion.io import InputError  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -122,12 +122,6 @@ def git_commit(root: Path) -> str:
         return "unknown"
 
 
-def metric_key(key: str) -> str:
-    """``key`` as an MLflow metric name: a union set's ``a/x+b/y`` (MLflow refuses ``+``) as ``a/x_and_b/y``, as the
-    shard files spell it."""
-    return key.replace("+", "_and_")
-
-
 class Tracker:
     """Logs to one existing MLflow run by id (safe from any process: no global active-run state)."""
 
@@ -137,7 +131,7 @@ class Tracker:
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         ts = mlflow.utils.time.get_current_time_millis()
-        batch = [Metric(metric_key(k), float(v), ts, int(step)) for k, v in values.items()]
+        batch = [Metric(spell_union(k), float(v), ts, int(step)) for k, v in values.items()]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 

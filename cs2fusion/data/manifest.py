@@ -153,8 +153,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 def select(manifest: dict[str, Any], name: str) -> list[dict[str, Any]]:
     """Entries of ``<dataset>/<split>`` (or every pair of ``<dataset>``); ``a/x+b/y`` is the union of its parts, in
     order (validation on held-out pairs of several data sets as one set)."""
-    if len(set_parts(name)) > 1:
-        return [entry for part in set_parts(name) for entry in select(manifest, part)]
+    parts = set_parts(name)
+    if len(parts) > 1:
+        return [entry for part in parts for entry in select(manifest, part)]
     dataset, _, split = name.partition("/")
     if dataset not in manifest["datasets"]:
         raise InputError(f"{name}: no data set {dataset!r} in the manifest ({', '.join(manifest['datasets'])})")

@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cs2fusion import storage
-from cs2fusion.config import ImpairParams, ShardParams, set_parts
+from cs2fusion.config import ImpairParams, ShardParams, set_parts, spell_union
 from cs2fusion.data.impair import impair
 from cs2fusion.data.manifest import select, sha256_file
 from cs2fusion.data.pairs import Pair, load_pair
@@ -154,7 +154,7 @@ def write_set(samples: list[dict[str, Any]], folder: Path, prefix: str, params: 
 
 def set_prefix(name: str) -> str:
     """Shard file prefix of an evaluation set ``<dataset>/<split>`` (a union's parts joined by ``_and_``)."""
-    return name.replace("/", "-").replace("+", "_and_")
+    return spell_union(name.replace("/", "-"))
 
 
 def check_no_leak(manifest: dict[str, Any], params: ShardParams) -> None:
