@@ -49,8 +49,8 @@ def main() -> None:
     (ref_name, ref_path), (cand_name, cand_path) = (m.split("=", 1) for m in (args.reference, args.candidate))
     ref, cand = (Fuser(load_checkpoint(path).backbone, options=FuseOptions(winograd=False))
                  for path in (ref_path, cand_path))
-    print("| set | output | " + " | ".join(MAIN_METRICS) + " | MI(F,ir) | MI(F,vis) | composite |")
-    print("|---|---|" + "---|" * (len(MAIN_METRICS) + 3))
+    lines = ["| set | output | " + " | ".join(MAIN_METRICS) + " | MI(F,ir) | MI(F,vis) | composite |",
+             "|---|---|" + "---|" * (len(MAIN_METRICS) + 3)]
     for name in args.sets:
         pairs = [(ir, vi) for _, ir, vi in iter_eval(set_files(args.shards, name))]
         base = baseline_scores(pairs)
@@ -73,7 +73,8 @@ def main() -> None:
         for label, scores in rows.items():
             s = mean_scores(scores)
             cells = " | ".join(f"{s[m]:.4g}" for m in (*MAIN_METRICS, "MI_ir", "MI_vis"))
-            print(f"| {name} | {label} | {cells} | {selection_score(s, base, COMPOSITE):.4f} |")
+            lines.append(f"| {name} | {label} | {cells} | {selection_score(s, base, COMPOSITE):.4f} |")
+    print("\n".join(lines))  # noqa: T201 - the table is this script's output
 
 
 if __name__ == "__main__":
