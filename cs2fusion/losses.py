@@ -9,6 +9,8 @@ batch's value (the rows of a similarity matrix that are its samples', against ev
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from kornia.filters import box_blur, spatial_gradient
@@ -131,6 +133,10 @@ def backbone_loss(
     def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return span.mean_share(ssim_loss(x, y, window_size=3, max_val=1.0, reduction="none"))
 
+    def stronger_source(measure: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """mean|measure(F) − max(measure(ir), measure(vis))|: F keeps whichever source's texture is stronger."""
+        return span.mean_share((measure(f) - torch.maximum(measure(a), measure(b))).abs())
+
     terms = {
         "intensity_ir": distance((f - a) * w_ir),
         "intensity_vis": distance((f - b) * w_vis),
@@ -142,11 +148,9 @@ def backbone_loss(
         terms["intensity_max"] = distance(f - torch.maximum(a, b))
         total = total + max_weight * terms["intensity_max"]
     if grad_weight > 0:
-        target = torch.maximum(sobel_magnitude(a), sobel_magnitude(b))
-        terms["gradient_max"] = span.mean_share((sobel_magnitude(f) - target).abs())
+        terms["gradient_max"] = stronger_source(sobel_magnitude)
         total = total + grad_weight * terms["gradient_max"]
     if contrast_weight > 0:
-        target = torch.maximum(local_std(a, contrast_window), local_std(b, contrast_window))
-        terms["contrast_max"] = span.mean_share((local_std(f, contrast_window) - target).abs())
+        terms["contrast_max"] = stronger_source(lambda x: local_std(x, contrast_window))
         total = total + contrast_weight * terms["contrast_max"]
     return {"backbone": total, **terms}
