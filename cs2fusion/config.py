@@ -193,12 +193,15 @@ class LossParams:
     # κ of a local-contrast term σ(F) vs max(σ(ir), σ(vis)), σ over contrast_window² pixels (not the paper's; 0: off)
     contrast_weight: float = 0.0
     contrast_window: int = 9
+    # s of the max-intensity, max-gradient and local-contrast targets: a gain about each sample's mean (1: the sources')
+    target_gain: float = 1.0
 
     def __post_init__(self) -> None:
         _require({"alpha (>= 0)": self.alpha >= 0, "impaired_weight (>= 0)": self.impaired_weight >= 0,
                   "ssim_weight (>= 0)": self.ssim_weight >= 0, "max_weight (>= 0)": self.max_weight >= 0,
                   "grad_weight (>= 0)": self.grad_weight >= 0, "contrast_weight (>= 0)": self.contrast_weight >= 0,
-                  "contrast_window (odd, >= 3)": self.contrast_window >= 3 and self.contrast_window % 2 == 1})
+                  "contrast_window (odd, >= 3)": self.contrast_window >= 3 and self.contrast_window % 2 == 1,
+                  "target_gain (> 0)": self.target_gain > 0})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -101,6 +101,7 @@ def backbone_loss(
     grad_weight: float = 0.0,
     contrast_weight: float = 0.0,
     contrast_window: int = 9,
+    target_gain: float = 1.0,
     span: BatchSpan = LOCAL,
 ) -> dict[str, torch.Tensor]:
     """‖F·w_ir − ir·w_ir‖ + ‖F·w_vis − vis·w_vis‖ + λ·(SSIMloss(F, ir) + SSIMloss(F, vis)), with its terms.
@@ -121,6 +122,10 @@ def backbone_loss(
     ``contrast_weight`` κ > 0 adds κ·mean|σ(F) − max(σ(ir), σ(vis))| with σ the :func:`local_std` over
     ``contrast_window`` pixels (not the paper's): the larger-scale kin of γ's term, keeping the visible image's local
     contrast where the infrared is flat and the infrared's where the visible is.
+    ``target_gain`` s ≠ 1 asks those three terms for s times the sources' contrast (not the paper's): the max-intensity
+    target becomes m + s·(max(ir, vis) − m), m its mean over each sample, clamped to the 0–``scale`` range; the
+    gradient and local-contrast targets s·max(·): what a global gain of the output would give, which buys SD, SF and
+    AG at little fidelity as a transform (whether the nets learn it: docs/research/multi-sensor.md).
     """
     f, a, b = fused * scale, ir * scale, vis_y * scale
     w_ir, w_vis = w_ir.detach(), w_vis.detach()
@@ -134,8 +139,17 @@ def backbone_loss(
         return span.mean_share(ssim_loss(x, y, window_size=3, max_val=1.0, reduction="none"))
 
     def stronger_source(measure: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """mean|measure(F) − max(measure(ir), measure(vis))|: F keeps whichever source's texture is stronger."""
-        return span.mean_share((measure(f) - torch.maximum(measure(a), measure(b))).abs())
+        """mean|measure(F) − s·max(measure(ir), measure(vis))|: F keeps whichever source's texture is stronger."""
+        target = torch.maximum(measure(a), measure(b))
+        return span.mean_share((measure(f) - (target if target_gain == 1 else target_gain * target)).abs())
+
+    def brighter_source() -> torch.Tensor:
+        """max(ir, vis), or its gain s about each sample's mean."""
+        target = torch.maximum(a, b)
+        if target_gain == 1:
+            return target
+        mean = target.mean(dim=(1, 2, 3), keepdim=True)
+        return (mean + target_gain * (target - mean)).clamp(0, scale)
 
     terms = {
         "intensity_ir": distance((f - a) * w_ir),
@@ -145,7 +159,7 @@ def backbone_loss(
     }
     total = terms["intensity_ir"] + terms["intensity_vis"] + ssim_weight * (terms["ssim_ir"] + terms["ssim_vis"])
     if max_weight > 0:
-        terms["intensity_max"] = distance(f - torch.maximum(a, b))
+        terms["intensity_max"] = distance(f - brighter_source())
         total = total + max_weight * terms["intensity_max"]
     if grad_weight > 0:
         terms["gradient_max"] = stronger_source(sobel_magnitude)

@@ -161,7 +161,7 @@ def train_step(state: TrainState, batch: Batch, train: TrainParams) -> dict[str,
                        scale=state.backbone.params.input_scale, intensity=train.loss.intensity,
                        ssim_weight=train.loss.ssim_weight, max_weight=train.loss.max_weight,
                        grad_weight=train.loss.grad_weight, contrast_weight=train.loss.contrast_weight,
-                       contrast_window=train.loss.contrast_window, span=span)
+                       contrast_window=train.loss.contrast_window, target_gain=train.loss.target_gain, span=span)
     state.opt_backbone.zero_grad(set_to_none=True)
     _backward(lb["backbone"], span)
     state.opt_backbone.step()

@@ -43,6 +43,9 @@ def test_params_reject_unknown_keys_and_wrong_types(tmp_path: Path) -> None:
     bad.write_text("train:\n  loss:\n    contrast_window: 4\n")  # an even box has no centre pixel
     with pytest.raises(ParamsError, match="contrast_window"):
         load_params(bad)
+    bad.write_text("train:\n  loss:\n    target_gain: 0\n")  # a zero gain asks for a flat image
+    with pytest.raises(ParamsError, match="target_gain"):
+        load_params(bad)
 
 
 def test_the_flat_layout_and_the_old_map_names_still_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -23,13 +23,13 @@ from tests.conftest import DATA, free_port
 log = logging.getLogger(__name__)
 pytestmark = pytest.mark.data
 STEPS, BATCH, PATCH = 5, 16, 32
-# the preset's step (presets/roadscene/params.yaml; with the local-contrast term, off there, so that every term is
-# under test) and the release's (norm intensity terms, min-max map)
+# the preset's step (presets/roadscene/params.yaml; with the local-contrast term and a target gain, off there, so that
+# every term is under test) and the release's (norm intensity terms, min-max map)
 SETTINGS = {
     "preset": (ModelParams(norm_scope="batch", map_norm="robust", map_spread=0.5),
                TrainParams(batch_size=BATCH, lr_backbone=2e-4, lr_cpn=2e-5,
                            loss=LossParams(intensity="l1", ssim_weight=150.0, max_weight=2.0, grad_weight=1.0,
-                                           contrast_weight=4.0))),
+                                           contrast_weight=4.0, target_gain=1.1))),
     "release": (ModelParams(norm_scope="batch", map_norm="minmax"), TrainParams(batch_size=BATCH)),
 }
 

@@ -226,6 +226,28 @@ def test_contrast_term_keeps_each_sources_local_contrast() -> None:
     assert flat.grad.abs().sum().item() > 0  # near flat, the term already pulls toward the sources' contrast
 
 
+def test_target_gain_asks_for_a_gain_of_the_stronger_source_about_each_samples_mean() -> None:
+    """At s 1.2 the max-intensity term is 0 for m + 1.2·(max − m) (m per sample, clamped to 0–255) and not for the max
+    itself, and the gradient and local-contrast terms are less for it than for the max; at s 1 every term equals the
+    sources' own targets bit for bit (the default adds nothing)."""
+    gen = torch.Generator().manual_seed(8)
+    ir, vis = (torch.rand(3, 1, 24, 24, generator=gen, dtype=torch.float64) for _ in range(2))
+    ir[1] *= 0.3  # a darker sample: a pivot over the whole batch would leave the term above 0
+    w = torch.full_like(ir, 0.5)
+    kwargs = dict(ir=ir, vis_y=vis, w_ir=w, w_vis=w, scale=255.0, intensity="l1", max_weight=1.0, grad_weight=1.0,
+                  contrast_weight=1.0, contrast_window=5)
+    brighter = torch.maximum(ir, vis)
+    mean = brighter.mean(dim=(1, 2, 3), keepdim=True)
+    gained = (mean + 1.2 * (brighter - mean)).clamp(0, 1)
+    at_gain, at_max = (backbone_loss(f, target_gain=1.2, **kwargs) for f in (gained, brighter))
+    assert at_gain["intensity_max"].item() == pytest.approx(0, abs=1e-9)
+    assert at_max["intensity_max"].item() > 1
+    for term in ("gradient_max", "contrast_max"):
+        assert at_gain[term].item() < at_max[term].item()
+    one, plain = backbone_loss(gained, target_gain=1.0, **kwargs), backbone_loss(gained, **kwargs)
+    assert all(torch.equal(one[k], plain[k]) for k in plain)
+
+
 def test_ssim_weight_scales_only_the_ssim_terms() -> None:
     """λ multiplies the two SSIM terms in the total; the reported terms stay unweighted."""
     gen = torch.Generator().manual_seed(2)
