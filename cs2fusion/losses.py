@@ -140,8 +140,7 @@ def backbone_loss(
 
     def stronger_source(measure: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """mean|measure(F) − s·max(measure(ir), measure(vis))|: F keeps whichever source's texture is stronger."""
-        target = torch.maximum(measure(a), measure(b))
-        return span.mean_share((measure(f) - (target if target_gain == 1 else target_gain * target)).abs())
+        return span.mean_share((measure(f) - target_gain * torch.maximum(measure(a), measure(b))).abs())
 
     def brighter_source() -> torch.Tensor:
         """max(ir, vis), or its gain s about each sample's mean."""

@@ -42,7 +42,10 @@ def transforms(sigma: float) -> dict[str, Transform]:
         return x - gaussian_filter(x, sigma, mode="reflect")
 
     def gain(s: float, pivot: Callable[[np.ndarray], np.ndarray | float]) -> Transform:
-        return lambda f, ir, vi: pivot(f) + s * (f - pivot(f))
+        def apply(f: np.ndarray, ir: np.ndarray, vi: np.ndarray) -> np.ndarray:
+            m = pivot(f)
+            return m + s * (f - m)
+        return apply
 
     def unsharp(lam: float) -> Transform:
         return lambda f, ir, vi: f + lam * detail(f)
@@ -67,6 +70,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     fuser = Fuser(load_checkpoint(args.model).backbone, options=FuseOptions(winograd=False))
+    changes = transforms(args.sigma)
     lines = ["| set | transform | " + " | ".join(MAIN_METRICS) + " | composite |",
              "|---|---|" + "---|" * (len(MAIN_METRICS) + 1)]
     for name in args.sets:
@@ -75,9 +79,9 @@ def main() -> None:
         rows: dict[str, list[dict[str, float]]] = {}
         for ir, vi in pairs:
             y, cb, cr = rgb_to_ycbcr_bt601_full(vi) if vi.ndim == 3 else (vi.astype(np.float32), None, None)
-            f = fuser.fuse_y(vis_y=y, ir=ir).astype(np.float64)
-            for label, t in transforms(args.sigma).items():
-                g = t(f, ir.astype(np.float64), y.astype(np.float64)).astype(np.float32)
+            f, a, b = (x.astype(np.float64) for x in (fuser.fuse_y(vis_y=y, ir=ir), ir, y))
+            for label, t in changes.items():
+                g = t(f, a, b).astype(np.float32)
                 out = to_uint8(g if cb is None else ycbcr_to_rgb_bt601_full(g, cb, cr))
                 rows.setdefault(label, []).append(image_scores(out, ir, vi))
         log.info("%s: %d pairs", name, len(pairs))
